@@ -1,0 +1,32 @@
+# Two entry points: `make pretrain` and `make test`. Both create or update .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The defaults run the tiny preset; pass ARGS for a preset and overrides, e.g. make pretrain ARGS="tiny train.max_steps=50"
+ARGS ?=
+
+.PHONY: pretrain test venv bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+
+# Re-install only when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+pretrain: $(STAMP)
+	$(VENV)/bin/liquid pretrain $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/liquid bench scan
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

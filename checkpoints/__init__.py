@@ -1,0 +1,1 @@
+"""Training checkpoints (save, load, resume) and export of final weights."""

@@ -1,0 +1,264 @@
+"""Run configuration: OmegaConf YAML presets plus dot-list overrides, merged into frozen dataclasses.
+
+OmegaConf lives at this boundary only; every component receives its own frozen slice (ModelConfig, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass(frozen=True)
+class LiquidConfig:
+    heads: int = 4
+    key_dim: int = 32  # N: rows of the per-head state
+    value_dim: int = 32  # P: columns of the per-head state
+    chunk_size: int = 64
+    conv_kernel: int = 3  # short causal conv on the value path; 0 disables it
+    tau_min: float = 1.0  # time constants 1/exp(l_h) are spread log-uniformly over [tau_min, tau_max]
+    tau_max: float = 256.0
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 128
+    routed_scaling: float = 1.0
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 disables it
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 384
+    d_model: int = 128
+    num_layers: int = 4
+    mixer: str = "liquid"  # kind of every layer not listed below: liquid | conv | attention
+    attention_layers: list[int] = field(default_factory=lambda: [2])
+    conv_layers: list[int] = field(default_factory=list)
+    conv_kernel: int = 3  # the `conv` mixer's kernel (LFM2 uses 3)
+    dense_layers: int = 1  # the first layers use a dense SwiGLU FFN, the rest MoE
+    dense_dim: int = 384
+    liquid: LiquidConfig = field(default_factory=LiquidConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def layer_types(self) -> list[str]:
+        types = [self.mixer] * self.num_layers
+        for i in self.conv_layers:
+            types[i] = "conv"
+        for i in self.attention_layers:
+            types[i] = "attention"
+        return types
+
+    def ffn_types(self) -> list[str]:
+        return ["dense" if i < self.dense_layers else "moe" for i in range(self.num_layers)]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Optional[str] = None  # prepared shards (directory or URL); None = the embedded corpus
+    corpus_max_mb: float = 8.0  # how much of the embedded corpus to read
+    val_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    ep: int = 1
+    cp: int = 1
+    zero_stage: int = 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 300
+    max_tokens: Optional[int] = None  # stops at whichever of max_steps / max_tokens comes first
+    seq_len: int = 256
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seed: int = 0
+    log_interval: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 0  # steps between saves; 0 = never
+    keep_last: int = 2
+    keep_every: int = 0
+    resume: str = "none"  # none | auto
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_workers: int = 1
+    address: Optional[str] = None
+    use_gpu: bool = False
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/${run.name}"
+    name: str = "tiny"
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            keys.extend(_all_keys(f.default_factory, f"{prefix}{f.name}."))
+    return keys
+
+
+ALL_KEYS = _all_keys(Config)
+
+
+def _friendly(err: OmegaConfBaseException, source: str) -> ValueError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.5)
+        if not close:  # match on the last component, e.g. `train.max_step` -> `train.max_steps`
+            leaf = key.rsplit(".", 1)[-1]
+            close = [k for k in ALL_KEYS if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)]
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ValueError(f"unknown config key '{key}' (from {source}){hint}")
+    return ValueError(f"bad value for config key '{key}' (from {source}): {msg}")
+
+
+def resolve_preset(name_or_path: str | None) -> Path:
+    if name_or_path is None:
+        name_or_path = DEFAULT_PRESET
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ValueError(f"config '{name_or_path}' is neither a YAML file nor a preset; presets: {', '.join(names)}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset name or YAML path, plus `key=value` overrides -> a validated, frozen Config."""
+    path = resolve_preset(name_or_path)
+    schema = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise _friendly(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like key=value (for example train.max_steps=100)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _friendly(err, f"override '{item}'") from None
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _friendly(err, str(path)) from None
+    validate(config)
+    return config
+
+
+def _require(ok: bool, key: str, why: str):
+    if not ok:
+        raise ValueError(f"config key '{key}': {why}")
+
+
+def validate(cfg: Config) -> None:
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    _require(m.mixer in ("liquid", "conv", "attention"), "model.mixer", f"must be liquid, conv or attention, got '{m.mixer}'")
+    for key, idxs in (("model.attention_layers", m.attention_layers), ("model.conv_layers", m.conv_layers)):
+        bad = [i for i in idxs if not 0 <= i < m.num_layers]
+        _require(not bad, key, f"layer indices {bad} are outside 0..{m.num_layers - 1}")
+    _require(0 <= m.dense_layers <= m.num_layers, "model.dense_layers", f"must be in 0..{m.num_layers}")
+    _require(1 <= m.moe.top_k <= m.moe.num_experts, "model.moe.top_k",
+             f"must be in 1..model.moe.num_experts ({m.moe.num_experts}), got {m.moe.top_k}")
+    a = m.attention
+    _require(a.heads % a.kv_heads == 0, "model.attention.kv_heads", f"must divide model.attention.heads ({a.heads})")
+    _require(a.head_dim % 2 == 0, "model.attention.head_dim", "must be even for RoPE")
+    _require(m.vocab_size > 0 and m.d_model > 0 and m.num_layers > 0, "model", "vocab_size, d_model and num_layers must be > 0")
+    _require(m.mtp_depth >= 0, "model.mtp_depth", "must be >= 0")
+    _require(t.seq_len > 0, "train.seq_len", "must be > 0")
+    _require(t.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+    per_step = t.micro_batch_size * p.dp
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of train.micro_batch_size x parallel.dp = {per_step}")
+    _require(t.log_interval > 0, "train.log_interval", "must be > 0")
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got '{t.device}'")
+    _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16, got '{t.dtype}'")
+    _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    for key, val in (("parallel.dp", p.dp), ("parallel.ep", p.ep), ("parallel.cp", p.cp)):
+        _require(val >= 1, key, f"must be >= 1, got {val}")
+    _require(m.moe.num_experts % p.ep == 0, "parallel.ep",
+             f"model.moe.num_experts ({m.moe.num_experts}) is not divisible by parallel.ep ({p.ep})")
+    _require(t.seq_len % p.cp == 0, "parallel.cp", f"train.seq_len ({t.seq_len}) is not divisible by parallel.cp ({p.cp})")
+    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    _require(cfg.cluster.num_workers >= 1, "cluster.num_workers", "must be >= 1")
+    _require(cfg.checkpoint.resume in ("none", "auto"), "checkpoint.resume", "must be none or auto")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

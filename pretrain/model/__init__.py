@@ -1,0 +1,1 @@
+"""Plain single-device PyTorch model code: no collectives, no ranks."""

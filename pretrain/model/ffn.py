@@ -1,0 +1,120 @@
+"""Feed-forward layers: dense SwiGLU and a dropless top-k MoE with sigmoid router and aux-loss-free balancing.
+
+The experts module is plain (tokens sorted by expert + counts in, outputs out); expert parallelism in
+`parallel/` wraps it without the experts knowing about ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), x.new_zeros(())
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights [E, ...]; processes tokens already grouped by expert."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+
+    def forward(self, x_sorted, counts):
+        """x_sorted [tokens, d] grouped by expert; counts [E] (python ints or a tensor) -> [tokens, d]."""
+        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                xe = x_sorted[start:start + n]
+                outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+            start += n
+        return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.w2.shape[1])
+
+
+class Router(nn.Module):
+    """Sigmoid scores; experts chosen by scores + expert_bias; weights = chosen scores renormalised."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, routed_scaling: float = 1.0):
+        super().__init__()
+        self.top_k, self.routed_scaling = top_k, routed_scaling
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        # Not a parameter: moved by the balancing rule, never by the optimizer.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+
+    def forward(self, x):
+        logits = self.gate(x).float()  # [tokens, E]
+        scores = logits.sigmoid()
+        idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # [tokens, k]
+        chosen = scores.gather(-1, idx)
+        weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) * self.routed_scaling
+        return idx, weights, logits, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, d_model: int, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.router = Router(d_model, cfg.num_experts, cfg.top_k, cfg.routed_scaling)
+        self.experts = Experts(cfg.num_experts, d_model, cfg.expert_dim)
+        # Tokens routed to each expert since the last bias update (training forward passes only).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, weights, logits, scores = self.router(flat)
+        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        if self.training:
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        order = idx.flatten().argsort(stable=True)
+        token_of = order // idx.shape[1]  # source token of each sorted slot
+        out_sorted = self.experts(flat[token_of], counts)
+        out_sorted = out_sorted * weights.flatten()[order, None].to(out_sorted.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token_of, out_sorted)
+        return y.view(shape), self._aux_loss(logits, scores, counts)
+
+    def _aux_loss(self, logits, scores, counts):
+        aux = logits.new_zeros(())
+        if self.cfg.aux_loss_coeff:
+            # Switch-style: E * sum_e (fraction of routed slots to e) * (mean normalised score of e).
+            frac = counts.float() / counts.sum().clamp_min(1)
+            prob = (scores / scores.sum(-1, keepdim=True)).mean(0)
+            aux = aux + self.cfg.aux_loss_coeff * self.num_experts * (frac * prob).sum()
+        if self.cfg.z_loss_coeff:
+            aux = aux + self.cfg.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
+        return aux
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert=None):
+        """Aux-loss-free balancing: nudge under-loaded experts up and over-loaded ones down.
+
+        `tokens_per_expert` defaults to this layer's own counts; the parallel engine passes counts
+        summed over data-parallel ranks so every rank applies the same update.
+        """
+        counts = self.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
+        if self.cfg.bias_update_rate and counts.sum() > 0:
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(counts.mean() - counts)
+        self.tokens_per_expert.zero_()
+
+
+def build_ffn(kind: str, d_model: int, model_cfg):
+    builders = {
+        "dense": lambda: DenseFFN(d_model, model_cfg.dense_dim),
+        "moe": lambda: MoE(d_model, model_cfg.moe),
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown ffn kind '{kind}'; choose one of {sorted(builders)}")
+    return builders[kind]()

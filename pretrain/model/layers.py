@@ -1,0 +1,85 @@
+"""Small building blocks shared by the mixers: RMSNorm, RoPE, document ids and a causal depthwise conv.
+
+Everything here is single-device PyTorch; document boundaries arrive as a bool `doc_start` [batch, seq].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def doc_ids(doc_start: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor | None:
+    """Document index per token [batch, seq]; None when the whole row is one document."""
+    if doc_start is None:
+        return None
+    if tuple(doc_start.shape) != (batch, seq):
+        raise ValueError(f"doc_start must be [batch, seq] = {(batch, seq)}; got {tuple(doc_start.shape)}")
+    return doc_start.to(device=device, dtype=torch.long).cumsum(-1)
+
+
+def positions_in_doc(doc_start: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """Position of each token inside its document [batch, seq] (restarting at 0 at every doc start)."""
+    idx = torch.arange(seq, device=device).expand(batch, seq)
+    if doc_start is None:
+        return idx
+    start_idx = torch.where(doc_start.to(device).bool(), idx, torch.zeros_like(idx))
+    return idx - start_idx.cummax(-1).values
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, docs: torch.Tensor | None,
+                          tail: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t = sum_i weight[:, i] * x_{t-K+1+i}, never reaching across a document start.
+
+    x [batch, seq, channels]; weight [channels, 1, K] (nn.Conv1d layout); tail [batch, K-1, channels]
+    holds inputs before position 0 (the previous CP rank's halo, or zeros).
+    """
+    kernel = weight.shape[-1]
+    batch, seq, channels = x.shape
+    w = weight[:, 0, :]  # [channels, K]
+    if tail is None:
+        tail = x.new_zeros(batch, kernel - 1, channels)
+    xp = torch.cat([tail, x], dim=1)
+    y = x * w[:, -1]
+    for j in range(1, kernel):  # j = how far back
+        shifted = xp[:, kernel - 1 - j: kernel - 1 - j + seq]
+        if docs is not None:
+            same = torch.zeros_like(docs, dtype=torch.bool)
+            if j < seq:
+                same[:, j:] = docs[:, j:] == docs[:, :-j]
+            # Tokens within j of the row start look into the tail: valid only if no doc start so far.
+            head = min(j, seq)
+            same[:, :head] = docs[:, :head] == 0
+            shifted = shifted * same[..., None].to(x.dtype)
+        y = y + shifted * w[:, kernel - 1 - j]
+    return y
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float):
+    """cos, sin [batch, seq, dim/2] for integer positions [batch, seq]."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    ang = positions.float()[..., None] * inv
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, seq, heads, dim]; rotate-half convention."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def swiglu(x, w1, w3, w2):
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)

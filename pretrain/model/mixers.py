@@ -1,0 +1,185 @@
+"""Sequence mixers: `liquid` (input-dependent time-constant recurrence), `conv` (LFM2 gated short conv), `attention`.
+
+Each mixer maps x [batch, seq, d_model] -> [batch, seq, d_model], never lets information cross a document
+start, and has an incremental `step` with its own state for generation. Built through `MIXERS`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.model.layers import (RMSNorm, apply_rope, causal_depthwise_conv, doc_ids, positions_in_doc,
+                                   rope_cos_sin)
+from pretrain.model.scan import liquid_scan
+
+
+class LiquidMixer(nn.Module):
+    """Per head: lam_t = exp(l_h) + softplus(w_h . x_t + b_h), a_t = exp(-lam_t dt_t),
+    S_t = a_t S_{t-1} + (1 - a_t) k_t v_t^T, y_t = S_t^T q_t; then per-head norm, SiLU gate, out projection.
+
+    q and k are L2-normalised per head; with the (1 - a_t) gain the state is a convex mix of k v^T,
+    so it stays bounded at any length. A short causal conv on the value path adds local context (LFM2-style).
+    """
+
+    def __init__(self, d_model: int, cfg, norm_eps: float = 1e-5):
+        super().__init__()
+        self.h, self.n, self.p = cfg.heads, cfg.key_dim, cfg.value_dim
+        self.chunk_size = cfg.chunk_size
+        self.kernel = cfg.conv_kernel
+        hn, hp = self.h * self.n, self.h * self.p
+        self.in_proj = nn.Linear(d_model, 2 * hn + 2 * hp, bias=False)  # q, k, v, gate
+        self.rate_proj = nn.Linear(d_model, self.h, bias=True)  # input-driven part of the rate
+        taus = torch.exp(torch.linspace(math.log(cfg.tau_min), math.log(cfg.tau_max), self.h))
+        self.log_base_rate = nn.Parameter(-taus.log())  # l_h: exp(l_h) = 1 / tau_h
+        self.conv = nn.Conv1d(hp, hp, self.kernel, groups=hp, bias=False) if self.kernel > 0 else None
+        self.norm = RMSNorm(self.p, eps=norm_eps)
+        self.out_proj = nn.Linear(hp, d_model, bias=False)
+        with torch.no_grad():
+            self.rate_proj.bias.fill_(-4.0)  # softplus(-4) ~ 0.018: start close to the base time constants
+            self.rate_proj.weight.mul_(0.1)
+
+    def _project(self, x, dt):
+        """x [batch, seq, d] -> q, k [b, s, h, n], v, gate [b, s, h*p], log_a [b, s, h] (no resets yet)."""
+        hn, hp = self.h * self.n, self.h * self.p
+        q, k, v, gate = self.in_proj(x).split([hn, hn, hp, hp], dim=-1)
+        shape = x.shape[:2]
+        q = F.normalize(q.view(*shape, self.h, self.n).float(), dim=-1).to(x.dtype)
+        k = F.normalize(k.view(*shape, self.h, self.n).float(), dim=-1).to(x.dtype)
+        rate = self.log_base_rate.float().exp() + F.softplus(self.rate_proj(x).float())  # [b, s, h]
+        if dt is not None:
+            rate = rate * dt.float()[..., None]
+        return q, k, v, gate, -rate
+
+    def _finish(self, y, gate, shape):
+        y = self.norm(y).reshape(*shape, self.h * self.p)
+        return self.out_proj(y * F.silu(gate))
+
+    def forward(self, x, *, doc_start=None, dt=None):
+        batch, seq, _ = x.shape
+        docs = doc_ids(doc_start, batch, seq, x.device)
+        q, k, v, gate, log_a = self._project(x, dt)
+        if self.conv is not None:
+            v = causal_depthwise_conv(v, self.conv.weight, docs)
+        if doc_start is not None:
+            log_a = log_a.masked_fill(doc_start.bool()[..., None], float("-inf"))
+        k = k * (-torch.expm1(log_a))[..., None].to(k.dtype)  # gain 1 - a_t (= 1 at a reset)
+        y, _ = liquid_scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size)
+        return self._finish(y, gate, (batch, seq))
+
+    def init_state(self, batch, device, dtype):
+        state = {"S": torch.zeros(batch, self.h, self.n, self.p, device=device, dtype=torch.float32)}
+        if self.conv is not None:
+            state["conv"] = torch.zeros(batch, self.kernel - 1, self.h * self.p, device=device, dtype=dtype)
+        return state
+
+    def step(self, x, state, *, dt=None):
+        """x [batch, 1, d] -> y [batch, 1, d], O(1) state: S [b, h, n, p] plus the conv tail."""
+        batch = x.shape[0]
+        q, k, v, gate, log_a = self._project(x, dt)
+        if self.conv is not None:
+            tail = state["conv"]
+            v_out = causal_depthwise_conv(v, self.conv.weight, None, tail=tail)
+            state["conv"] = torch.cat([tail, v], dim=1)[:, 1:]
+            v = v_out
+        a = log_a[:, 0].exp()  # [b, h]
+        kk = k[:, 0].float() * (1 - a)[..., None]
+        vv = v.view(batch, self.h, self.p).float()
+        state["S"] = a[..., None, None] * state["S"] + kk[..., :, None] * vv[..., None, :]
+        y = torch.einsum("bhn,bhnp->bhp", q[:, 0].float(), state["S"]).to(x.dtype)
+        return self._finish(y[:, None], gate, (batch, 1)), state
+
+
+class ConvMixer(nn.Module):
+    """LFM2 gated short convolution: B, C, x = in_proj(h); out_proj(C * conv_k(B * x))."""
+
+    def __init__(self, d_model: int, kernel: int = 3):
+        super().__init__()
+        self.kernel = kernel
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, *, doc_start=None, dt=None):
+        b_gate, c_gate, xx = self.in_proj(x).chunk(3, dim=-1)
+        docs = doc_ids(doc_start, x.shape[0], x.shape[1], x.device)
+        return self.out_proj(c_gate * causal_depthwise_conv(b_gate * xx, self.conv.weight, docs))
+
+    def init_state(self, batch, device, dtype):
+        return {"conv": torch.zeros(batch, self.kernel - 1, self.conv.in_channels, device=device, dtype=dtype)}
+
+    def step(self, x, state, *, dt=None):
+        b_gate, c_gate, xx = self.in_proj(x).chunk(3, dim=-1)
+        bx = b_gate * xx
+        y = causal_depthwise_conv(bx, self.conv.weight, None, tail=state["conv"])
+        state["conv"] = torch.cat([state["conv"], bx], dim=1)[:, 1:]
+        return self.out_proj(c_gate * y), state
+
+
+class AttentionMixer(nn.Module):
+    """Causal GQA with RMSNorm on q and k and RoPE; positions restart at every document start."""
+
+    def __init__(self, d_model: int, cfg, norm_eps: float = 1e-5):
+        super().__init__()
+        self.h, self.kv, self.hd, self.theta = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta
+        self.q_proj = nn.Linear(d_model, self.h * self.hd, bias=False)
+        self.k_proj = nn.Linear(d_model, self.kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d_model, self.kv * self.hd, bias=False)
+        self.out_proj = nn.Linear(self.h * self.hd, d_model, bias=False)
+        self.q_norm = RMSNorm(self.hd, eps=norm_eps)
+        self.k_norm = RMSNorm(self.hd, eps=norm_eps)
+
+    def _qkv(self, x, positions):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.h, self.hd))
+        k = self.k_norm(self.k_proj(x).view(b, s, self.kv, self.hd))
+        v = self.v_proj(x).view(b, s, self.kv, self.hd)
+        cos, sin = rope_cos_sin(positions, self.hd, self.theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, q, k, v, mask, is_causal):
+        rep = self.h // self.kv
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=rep > 1)
+        b, _, s, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.h * self.hd))
+
+    def forward(self, x, *, doc_start=None, dt=None):
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, positions_in_doc(doc_start, b, s, x.device))
+        if doc_start is None:
+            return self._attend(q, k, v, None, True)
+        docs = doc_ids(doc_start, b, s, x.device)
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        mask = (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]  # [b, 1, s, s]
+        return self._attend(q, k, v, mask, False)
+
+    def init_state(self, batch, device, dtype):
+        empty = torch.zeros(batch, 0, self.kv, self.hd, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "pos": 0}
+
+    def step(self, x, state, *, dt=None):
+        b = x.shape[0]
+        pos = torch.full((b, 1), state["pos"], device=x.device, dtype=torch.long)
+        q, k, v = self._qkv(x, pos)
+        state["k"] = torch.cat([state["k"], k], dim=1)
+        state["v"] = torch.cat([state["v"], v], dim=1)
+        state["pos"] += 1
+        return self._attend(q, state["k"], state["v"], None, False), state
+
+
+def build_mixer(kind: str, d_model: int, model_cfg):
+    builders = {
+        "liquid": lambda: LiquidMixer(d_model, model_cfg.liquid, model_cfg.norm_eps),
+        "conv": lambda: ConvMixer(d_model, model_cfg.conv_kernel),
+        "attention": lambda: AttentionMixer(d_model, model_cfg.attention, model_cfg.norm_eps),
+    }
+    if kind not in builders:
+        raise ValueError(f"unknown mixer kind '{kind}'; choose one of {sorted(builders)}")
+    return builders[kind]()
+
+
+MIXERS = ("liquid", "conv", "attention")

@@ -1,0 +1,154 @@
+"""The liquid MoE language model: pre-norm residual blocks of (mixer, FFN), RMSNorm, tied embeddings.
+
+Plain single-device PyTorch. `forward` trains on packed rows with document starts; `step` generates
+token by token with O(1) state per recurrent layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.model.ffn import MoE, build_ffn
+from pretrain.model.layers import RMSNorm
+from pretrain.model.mixers import build_mixer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss
+    lm_loss: torch.Tensor | None
+    mtp_loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    logits: torch.Tensor | None  # [batch, seq, vocab]; None when labels were given and logits not asked for
+
+
+class Block(nn.Module):
+    def __init__(self, mixer_kind: str, ffn_kind: str, cfg):
+        super().__init__()
+        self.mixer_kind, self.ffn_kind = mixer_kind, ffn_kind
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = build_mixer(mixer_kind, cfg.d_model, cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_ffn(ffn_kind, cfg.d_model, cfg)
+
+    def forward(self, h, *, doc_start=None, dt=None):
+        h = h + self.mixer(self.mixer_norm(h), doc_start=doc_start, dt=dt)
+        y, aux = self.ffn(self.ffn_norm(h))
+        return h + y, aux
+
+    def step(self, h, state, *, dt=None):
+        y, state = self.mixer.step(self.mixer_norm(h), state, dt=dt)
+        h = h + y
+        y, _ = self.ffn(self.ffn_norm(h))
+        return h + y, state
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 style): combine the previous depth's hidden state
+    with the embedding of the next input token, run one block, predict one token further ahead."""
+
+    def __init__(self, cfg, mixer_kind: str):
+        super().__init__()
+        self.h_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.e_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(mixer_kind, "dense", cfg)
+
+    def forward(self, h, emb_next, *, doc_start=None, dt=None):
+        h = self.proj(torch.cat([self.h_norm(h), self.e_norm(emb_next)], dim=-1))
+        h, _ = self.block(h, doc_start=doc_start, dt=dt)
+        return h
+
+
+class LiquidLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            Block(m, f, cfg) for m, f in zip(cfg.layer_types(), cfg.ffn_types())
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.layer_types()[-1]) for _ in range(cfg.mtp_depth))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("log_base_rate") or "norm" in name.split(".")[-2] or name.endswith(".bias"):
+                continue  # set by their modules
+            if p.dim() >= 2:
+                is_out = name.endswith(("out_proj.weight", "w2.weight")) or name.endswith("experts.w2")
+                nn.init.normal_(p, std=out_std if is_out else std)
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d):
+                nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.kernel_size[0]))
+
+    def head(self, h):
+        return F.linear(self.norm(h), self.embed.weight)  # tied embeddings
+
+    def forward(self, input_ids, *, labels=None, doc_start=None, dt=None, return_logits=None):
+        """input_ids, labels [batch, seq]; doc_start bool [batch, seq]; dt float [batch, seq]."""
+        h = self.embed(input_ids)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, layer_aux = layer(h, doc_start=doc_start, dt=dt)
+            aux = aux + layer_aux
+        want_logits = labels is None if return_logits is None else return_logits
+        logits = self.head(h)
+        if labels is None:
+            return ModelOutput(None, None, None, aux, logits)
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        mtp_loss = self._mtp_loss(h, labels, doc_start, dt) if self.mtp else None
+        loss = lm_loss + aux
+        if mtp_loss is not None:
+            loss = loss + self.cfg.mtp_loss_weight * mtp_loss
+        return ModelOutput(loss, lm_loss, mtp_loss, aux, logits if want_logits else None)
+
+    def _mtp_loss(self, h, labels, doc_start, dt):
+        """Depth d predicts labels shifted d further: token t+1+d from position t."""
+        losses = []
+        for d, module in enumerate(self.mtp, start=1):
+            # The input at t+d is labels[t+d-1]; positions past the row end get an ignored target.
+            nxt = torch.cat([labels[:, d - 1:], labels.new_full((labels.shape[0], d - 1), IGNORE_INDEX)], 1)
+            emb = self.embed(nxt.clamp_min(0))
+            h = module(h, emb, doc_start=doc_start, dt=dt)
+            target = torch.cat([labels[:, d:], labels.new_full((labels.shape[0], d), IGNORE_INDEX)], 1)
+            logits = self.head(h)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def init_state(self, batch: int):
+        p = self.embed.weight
+        return [layer.mixer.init_state(batch, p.device, p.dtype) for layer in self.layers]
+
+    @torch.no_grad()
+    def step(self, input_ids, state, *, dt=None):
+        """One token per row: input_ids [batch] -> logits [batch, vocab], updated state."""
+        h = self.embed(input_ids)[:, None]
+        dt = dt[:, None] if dt is not None else None
+        for i, layer in enumerate(self.layers):
+            h, state[i] = layer.step(h, state[i], dt=dt)
+        return self.head(h)[:, 0], state
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_expert_bias(self):
+        for moe in self.moe_layers():
+            moe.update_expert_bias()
+
+
+def build_model(cfg, device=None) -> LiquidLM:
+    with torch.device(device or "cpu"):
+        return LiquidLM(cfg)

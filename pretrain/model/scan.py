@@ -1,0 +1,113 @@
+"""The liquid recurrence S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T, y_t = S_t^T q_t.
+
+`liquid_scan` is the chunked parallel form used for training; `liquid_scan_reference` is the
+token-by-token ground truth it is tested against. Both share one signature.
+
+Shapes: q, k [batch, seq, heads, N]; v [batch, seq, heads, P]; log_decay [batch, seq, heads] with
+values <= 0 where -inf is an exact reset (the state before that token is dropped);
+initial_state [batch, heads, N, P]. Returns (y [batch, seq, heads, P], final_state [batch, heads, N, P]).
+Decays are accumulated in float32 and log space; the final state is float32.
+
+Resets are handled as segment boundaries: -inf never enters a cumulative sum (it would turn every later
+sum into -inf and their differences into NaN). Instead a per-chunk segment id counts resets, pairs of
+tokens in different segments are masked out, and the carried state is dropped after a reset.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check_shapes(q, k, v, log_decay, initial_state):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [batch, seq, heads, N]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, seq, heads, _ = q.shape
+    if v.dim() != 4 or tuple(v.shape[:3]) != (batch, seq, heads):
+        raise ValueError(f"v must be [batch, seq, heads, P] matching q {tuple(q.shape)}; got {tuple(v.shape)}")
+    if tuple(log_decay.shape) != (batch, seq, heads):
+        raise ValueError(f"log_decay must be [batch, seq, heads] = {(batch, seq, heads)}; got {tuple(log_decay.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, heads, q.shape[-1], v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be [batch, heads, N, P] = {(batch, heads, q.shape[-1], v.shape[-1])}; "
+            f"got {tuple(initial_state.shape)}"
+        )
+
+
+def liquid_scan_reference(q, k, v, log_decay, *, initial_state=None, chunk_size=None):
+    """Token-by-token recurrence; slow, obviously correct. `chunk_size` is accepted and ignored."""
+    _check_shapes(q, k, v, log_decay, initial_state)
+    batch, seq, heads, n = q.shape
+    p = v.shape[-1]
+    state = q.new_zeros(batch, heads, n, p, dtype=torch.float32)
+    if initial_state is not None:
+        state = initial_state.float()
+    ys = []
+    for t in range(seq):
+        decay = log_decay[:, t].float().exp()[..., None, None]  # [batch, heads, 1, 1]
+        state = decay * state + k[:, t].float()[..., :, None] * v[:, t].float()[..., None, :]
+        ys.append(torch.einsum("bhn,bhnp->bhp", q[:, t].float(), state))
+    y = torch.stack(ys, dim=1) if ys else v.new_zeros(batch, 0, heads, p, dtype=torch.float32)
+    return y.to(v.dtype), state
+
+
+def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """Chunked parallel scan: masked matmuls inside a chunk, state passing between chunks."""
+    _check_shapes(q, k, v, log_decay, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, seq, heads, n = q.shape
+    p = v.shape[-1]
+    out_dtype = v.dtype
+    chunk = min(chunk_size, max(seq, 1))
+    num_chunks = -(-seq // chunk)
+    pad = num_chunks * chunk - seq
+
+    def to_chunks(x, fill=0.0):  # [batch, seq, heads, ...] -> [batch, heads, chunks, chunk, ...]
+        x = x.float().movedim(2, 1)
+        if pad:
+            shape = list(x.shape)
+            shape[2] = pad
+            x = torch.cat([x, x.new_full(shape, fill)], dim=2)
+        return x.reshape(batch, heads, num_chunks, chunk, *x.shape[3:])
+
+    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
+    # Padding uses log_decay 0 and k = 0, so the final state is unaffected by it.
+    ld = to_chunks(log_decay)  # [batch, heads, chunks, chunk]
+    reset = torch.isneginf(ld)
+    ld = ld.masked_fill(reset, 0.0)
+    cum = ld.cumsum(-1)  # log-decay from chunk start to t, inclusive; finite
+    seg = reset.int().cumsum(-1)  # segment id: number of resets up to and including t
+
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    same_seg = seg[..., :, None] == seg[..., None, :]
+    pair_ok = causal & same_seg  # s <= t with no reset in (s, t]
+    diff = cum[..., :, None] - cum[..., None, :]
+    decay = diff.masked_fill(~pair_ok, float("-inf")).exp()  # [batch, heads, chunks, chunk, chunk]
+    scores = (qc @ kc.transpose(-1, -2)) * decay
+    y = scores @ vc  # intra-chunk part
+
+    # Each chunk's own contribution to the state at its end, starting from zero.
+    last_cum, last_seg = cum[..., -1:], seg[..., -1:]
+    to_end = (last_cum - cum).masked_fill(seg != last_seg, float("-inf")).exp()
+    local_state = (kc * to_end[..., None]).transpose(-1, -2) @ vc  # [batch, heads, chunks, N, P]
+    # Total decay of a chunk; zero when a reset inside it drops the carried state.
+    chunk_decay = last_cum[..., 0].exp() * (last_seg[..., 0] == 0)  # [batch, heads, chunks]
+
+    state = q.new_zeros(batch, heads, n, p, dtype=torch.float32)
+    if initial_state is not None:
+        state = initial_state.float()
+    states_in = []
+    for c in range(num_chunks):
+        states_in.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + local_state[:, :, c]
+    carried = torch.stack(states_in, dim=2)  # state entering each chunk
+
+    from_start = cum.masked_fill(seg != 0, float("-inf")).exp()  # decay of the carried state up to t
+    y = y + (qc * from_start[..., None]) @ carried
+    y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
+    return y.to(out_dtype), state
+
+
+__all__ = ["liquid_scan", "liquid_scan_reference", "DEFAULT_CHUNK_SIZE"]

@@ -1,0 +1,1 @@
+"""The training loop, optimizer, metrics and FLOPs accounting."""
