@@ -84,7 +84,6 @@ class ModelConfig:
 class DataConfig:
     path: Optional[str] = None  # prepared shards (directory or URL); None = the embedded corpus
     corpus_max_mb: float = 8.0  # how much of the embedded corpus to read
-    val_fraction: float = 0.01
 
 
 @dataclass(frozen=True)

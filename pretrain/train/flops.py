@@ -1,0 +1,106 @@
+"""Parameter counts and training FLOPs per token, computed from a ModelConfig alone.
+
+Convention (used for MFU everywhere in the project):
+  flops/token = 6 * (active parameters that do matmuls: every Linear / expert weight a token passes through,
+                     the output head included, the embedding lookup excluded, norms/biases/conv taps excluded)
+              + attention: 6 * attention_layers * seq * heads * head_dim   (causal: half of QK^T and AV)
+              + liquid scan: 3 * 2 * heads * (chunk * (N + P) + 2 * N * P) per liquid layer
+                (intra-chunk QK^T and AV over a full chunk, plus the state update and read-out; x3 for backward)
+MTP modules, when enabled, are training compute and are counted; export drops them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # every trainable parameter of the module
+    active: int  # parameters one token uses (top_k of E experts)
+    matmul_active: int  # active parameters that do matmuls (the FLOPs convention above)
+    expert: int  # routed-expert parameters (sharded by EP)
+    embedding: int
+
+
+def _mixer_params(kind: str, cfg) -> tuple[int, int]:
+    """(all params, matmul params) of one mixer."""
+    d = cfg.d_model
+    if kind == "liquid":
+        lc = cfg.liquid
+        hn, hp = lc.heads * lc.key_dim, lc.heads * lc.value_dim
+        mat = d * (2 * hn + 2 * hp) + d * lc.heads + hp * d
+        other = lc.heads + lc.heads + hp * lc.conv_kernel + lc.value_dim  # rate bias, l_h, conv taps, norm
+        return mat + other, mat
+    if kind == "conv":
+        mat = 3 * d * d + d * d
+        return mat + d * cfg.conv_kernel, mat
+    if kind == "attention":
+        a = cfg.attention
+        mat = d * a.heads * a.head_dim + 2 * d * a.kv_heads * a.head_dim + a.heads * a.head_dim * d
+        return mat + 2 * a.head_dim, mat
+    raise ValueError(f"unknown mixer kind '{kind}'")
+
+
+def _ffn_params(kind: str, cfg) -> tuple[int, int, int]:
+    """(all params, active matmul params, expert params) of one FFN."""
+    d = cfg.d_model
+    if kind == "dense":
+        n = 3 * d * cfg.dense_dim
+        return n, n, 0
+    m = cfg.moe
+    expert = 3 * d * m.expert_dim
+    router = d * m.num_experts
+    return router + m.num_experts * expert, router + m.top_k * expert, m.num_experts * expert
+
+
+def count_params(cfg) -> ParamCounts:
+    d = cfg.d_model
+    embedding = cfg.vocab_size * d
+    total, active, matmul, experts = embedding + d, embedding + d, embedding, 0  # + final norm; head is tied
+    blocks = list(zip(cfg.layer_types(), cfg.ffn_types()))
+    blocks += [(cfg.layer_types()[-1], "dense")] * cfg.mtp_depth
+    for mixer, ffn in blocks:
+        m_all, m_mat = _mixer_params(mixer, cfg)
+        f_all, f_active, f_expert = _ffn_params(ffn, cfg)
+        total += m_all + f_all + 2 * d
+        active += m_all + f_active + 2 * d
+        matmul += m_mat + f_active
+        experts += f_expert
+    mtp_extra = cfg.mtp_depth * (2 * d + 2 * d * d)  # two norms + projection per depth
+    total += mtp_extra
+    active += mtp_extra
+    matmul += cfg.mtp_depth * 2 * d * d
+    return ParamCounts(total=total, active=active, matmul_active=matmul, expert=experts, embedding=embedding)
+
+
+def scan_flops_per_token(cfg) -> int:
+    """Forward + backward FLOPs of the chunked scan, all liquid layers (see the module docstring)."""
+    lc = cfg.liquid
+    per_layer = 3 * 2 * lc.heads * (lc.chunk_size * (lc.key_dim + lc.value_dim) + 2 * lc.key_dim * lc.value_dim)
+    return per_layer * sum(1 for t in cfg.layer_types() if t == "liquid")
+
+
+def attention_flops_per_token(cfg, seq_len: int) -> int:
+    a = cfg.attention
+    return 6 * sum(1 for t in cfg.layer_types() if t == "attention") * seq_len * a.heads * a.head_dim
+
+
+def flops_per_token(cfg, seq_len: int) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
+    return 6 * count_params(cfg).matmul_active + attention_flops_per_token(cfg, seq_len) + scan_flops_per_token(cfg)
+
+
+# Dense bf16 peak FLOP/s per device (no sparsity). None = unknown (CPU): MFU is not reported there.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "cpu": None,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return value
+    return None

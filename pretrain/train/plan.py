@@ -1,0 +1,106 @@
+"""`liquid plan`: size a run before paying for it (parameters, FLOPs, memory per rank, throughput, days).
+
+Memory is an estimate from the config (bf16 weights/grads, fp32 Adam state); the model is also built on
+the meta device so the parameter count is checked against a real module.
+"""
+from __future__ import annotations
+
+import torch
+
+from pretrain.model.model import LiquidLM
+from pretrain.train.flops import PEAK_FLOPS, count_params, flops_per_token
+
+GIB = 1024**3
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int = 2) -> int:
+    """Saved activations for one micro-batch (no activation checkpointing), summed over layers.
+
+    Per layer it counts the tensors autograd keeps: the two norm inputs and residual (3 x d), the mixer's
+    projections and outputs, and the FFN's inputs and hidden states (top_k copies for MoE). The liquid scan
+    adds its fp32 per-chunk decay and score matrices (2 x heads x chunk per token) and chunk-entry states.
+    """
+    d = cfg.d_model
+    tokens = micro_batch * seq_len
+    total = 0
+    for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types()):
+        per_tok = 3 * d
+        if mixer == "liquid":
+            lc = cfg.liquid
+            per_tok += 2 * lc.heads * (lc.key_dim + lc.value_dim) * 2 + lc.heads * lc.value_dim * 2
+            per_tok += 2 * lc.heads * lc.chunk_size * 2  # fp32 chunk matrices, counted in 2-byte units
+            per_tok += 2 * lc.heads * lc.key_dim * lc.value_dim // lc.chunk_size * 2
+        elif mixer == "conv":
+            per_tok += 3 * d + 2 * d
+        else:
+            a = cfg.attention
+            per_tok += (a.heads + 2 * a.kv_heads) * a.head_dim + a.heads * a.head_dim + a.heads * 2  # + lse
+        if ffn == "dense":
+            per_tok += d + 3 * cfg.dense_dim
+        else:
+            per_tok += cfg.moe.num_experts * 2 + cfg.moe.top_k * (2 * d + 3 * cfg.moe.expert_dim)
+        total += per_tok
+    total += cfg.vocab_size * 2  # logits (fp32 for the loss, counted as 2 bf16 slots)
+    return tokens * total * bytes_per_value
+
+
+def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int) -> dict:
+    """Bytes per rank for weights (bf16), grads (bf16), Adam (fp32 master + m + v) and activations."""
+    counts = count_params(cfg)
+    dense, expert = counts.total - counts.expert, counts.expert
+    world = dp * cp
+    expert_dp = max(world // ep, 1)
+    local = dense + expert / ep  # parameters held by one rank
+    grads = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 2 else 2 * local
+    optim = 12 * (dense / world + expert / ep / expert_dp) if zero_stage >= 1 else 12 * local
+    weights = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 3 else 2 * local
+    acts = activation_bytes(cfg, micro_batch, seq_len // cp)
+    out = {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts}
+    out["total"] = sum(out.values())
+    return out
+
+
+def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str = "H100",
+               tokens: float = 10e12) -> dict:
+    m, t, p = config.model, config.train, config.parallel
+    with torch.device("meta"):
+        built = sum(x.numel() for x in LiquidLM(m).parameters())
+    counts = count_params(m)
+    assert built == counts.total, f"config count {counts.total} != built module {built}"
+    gpus = gpus or config.cluster.num_workers
+    fpt = flops_per_token(m, t.seq_len)
+    peak = PEAK_FLOPS.get(device)
+    if peak is None:
+        raise ValueError(f"unknown device '{device}' for --device; choose one of "
+                         f"{[k for k, v in PEAK_FLOPS.items() if v]}")
+    tokens_per_s = mfu * peak * gpus / fpt
+    mem = memory_per_rank(m, dp=p.dp, ep=p.ep, cp=p.cp, zero_stage=p.zero_stage,
+                          micro_batch=t.micro_batch_size, seq_len=t.seq_len)
+    return {
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "params_expert": counts.expert,
+        "flops_per_token": fpt,
+        "layout": {"dp": p.dp, "ep": p.ep, "cp": p.cp, "zero_stage": p.zero_stage,
+                   "micro_batch": t.micro_batch_size, "seq_len": t.seq_len},
+        "memory_gib_per_rank": {k: round(v / GIB, 2) for k, v in mem.items()},
+        "assumed": {"mfu": mfu, "gpus": gpus, "device": device, "peak_flops": peak, "tokens": tokens},
+        "tokens_per_s": tokens_per_s,
+        "days_to_tokens": tokens / tokens_per_s / 86400,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    a, mem = plan["assumed"], plan["memory_gib_per_rank"]
+    lay = plan["layout"]
+    lines = [
+        f"parameters      total {plan['params_total'] / 1e9:.2f}B   active {plan['params_active'] / 1e9:.2f}B"
+        f"   (routed experts {plan['params_expert'] / 1e9:.2f}B)",
+        f"FLOPs/token     {plan['flops_per_token'] / 1e9:.2f} GFLOP (training, seq {lay['seq_len']})",
+        f"layout          dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} zero={lay['zero_stage']}"
+        f" micro_batch={lay['micro_batch']}",
+        "memory/rank     " + "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
+        f"throughput      {plan['tokens_per_s']:,.0f} tokens/s on {a['gpus']} x {a['device']} at {a['mfu']:.0%} MFU",
+        f"time            {plan['days_to_tokens']:.1f} days to {a['tokens'] / 1e12:g}T tokens",
+    ]
+    return "\n".join(lines)
