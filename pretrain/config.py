@@ -167,8 +167,10 @@ def _all_keys(cls, prefix="") -> list[str]:
 ALL_KEYS = _all_keys(Config)
 
 
-def _friendly(err: OmegaConfBaseException, source: str) -> ValueError:
+def _friendly(err: OmegaConfBaseException, source: str, user_key: str = "") -> ValueError:
     key = getattr(err, "full_key", None) or ""
+    if user_key.startswith(key):  # OmegaConf names the first unknown component; the user typed more
+        key = user_key
     msg = str(err).splitlines()[0]
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.5)
@@ -207,7 +209,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise _friendly(err, f"override '{item}'") from None
+            raise _friendly(err, f"override '{item}'", item.split("=", 1)[0].strip()) from None
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -250,7 +252,10 @@ def validate(cfg: Config) -> None:
              f"model.moe.num_experts ({m.moe.num_experts}) is not divisible by parallel.ep ({p.ep})")
     _require(t.seq_len % p.cp == 0, "parallel.cp", f"train.seq_len ({t.seq_len}) is not divisible by parallel.cp ({p.cp})")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
-    _require(cfg.cluster.num_workers >= 1, "cluster.num_workers", "must be >= 1")
+    world = p.dp * p.cp  # expert parallelism is carved out of dp x cp (megatron-core's layout)
+    _require(world % p.ep == 0, "parallel.ep", f"must divide parallel.dp x parallel.cp = {world}, got {p.ep}")
+    _require(cfg.cluster.num_workers == world, "cluster.num_workers",
+             f"must equal parallel.dp x parallel.cp = {world} (one worker per rank), got {cfg.cluster.num_workers}")
     _require(cfg.checkpoint.resume in ("none", "auto"), "checkpoint.resume", "must be none or auto")
 
 

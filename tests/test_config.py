@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+
+from pretrain.config import Config, load_config, resolve_preset, to_yaml
+
+OPERATOR_KEYS = ["run.dir", "train.max_steps", "train.seq_len", "train.global_batch_size", "train.micro_batch_size",
+                 "train.seed", "train.log_interval", "checkpoint.interval", "parallel.dp", "parallel.ep",
+                 "parallel.cp", "cluster.num_workers", "cluster.address", "data.path"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "liquid-8b-a1b", "lfm2-8b-a1b"])
+def test_presets_load_into_frozen_dataclasses(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_steps = 3
+
+
+def test_operator_keys_exist_and_override():
+    values = {"run.dir": "/tmp/x", "train.max_steps": "7", "train.seq_len": "128", "train.global_batch_size": "8",
+              "train.micro_batch_size": "4", "train.seed": "3", "train.log_interval": "2",
+              "checkpoint.interval": "5", "parallel.dp": "1", "parallel.ep": "1", "parallel.cp": "1",
+              "cluster.num_workers": "1", "cluster.address": "ray://head:10001", "data.path": "s3://bucket/shards"}
+    assert set(values) == set(OPERATOR_KEYS)
+    cfg = load_config("tiny", [f"{k}={v}" for k, v in values.items()])
+    for key, value in values.items():
+        section, name = key.split(".")
+        assert str(getattr(getattr(cfg, section), name)) == value
+
+
+def test_nested_override_and_yaml_round_trip(tmp_path):
+    cfg = load_config("tiny", ["model.liquid.heads=2", "model.attention_layers=[1,3]"])
+    assert cfg.model.liquid.heads == 2
+    assert cfg.model.layer_types() == ["liquid", "attention", "liquid", "attention"]
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.max_step=5", "did you mean 'train.max_steps'"),
+    ("model.liquid.head=3", "did you mean 'model.liquid.heads'"),
+    ("trian.seed=1", "did you mean 'train.seed'"),
+])
+def test_unknown_key_names_it_and_suggests(override, needle):
+    with pytest.raises(ValueError) as err:
+        load_config("tiny", [override])
+    assert override.split("=")[0] in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ValueError, match="train.max_steps"):
+        load_config("tiny", ["train.max_steps=lots"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel.ep=3"], "parallel.ep"),
+    (["train.global_batch_size=12"], "train.global_batch_size"),
+    (["model.moe.top_k=9"], "model.moe.top_k"),
+    (["model.attention_layers=[7]"], "model.attention_layers"),
+    (["model.mixer=mamba"], "model.mixer"),
+    (["parallel.dp=2"], "cluster.num_workers"),
+])
+def test_semantic_errors_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("tiny", ["train.max_steps"])
+    with pytest.raises(ValueError, match="presets: .*tiny"):
+        resolve_preset("no-such-preset")
