@@ -30,6 +30,8 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        for w in (self.w1, self.w3, self.w2):  # the model re-initialises with its own scheme
+            nn.init.normal_(w, std=0.02)
 
     def forward(self, x_sorted, counts):
         """x_sorted [tokens, d] grouped by expert; counts [E] (python ints or a tensor) -> [tokens, d]."""

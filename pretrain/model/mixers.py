@@ -63,9 +63,10 @@ class LiquidMixer(nn.Module):
         q, k, v, gate, log_a = self._project(x, dt)
         if self.conv is not None:
             v = causal_depthwise_conv(v, self.conv.weight, docs)
+        # The gain 1 - a_t uses the real rate even at a document start, as when the document runs alone.
+        k = k * (-torch.expm1(log_a))[..., None].to(k.dtype)
         if doc_start is not None:
             log_a = log_a.masked_fill(doc_start.bool()[..., None], float("-inf"))
-        k = k * (-torch.expm1(log_a))[..., None].to(k.dtype)  # gain 1 - a_t (= 1 at a reset)
         y, _ = liquid_scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size)
         return self._finish(y, gate, (batch, seq))
 
@@ -149,10 +150,10 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x, *, doc_start=None, dt=None):
         b, s, _ = x.shape
-        q, k, v = self._qkv(x, positions_in_doc(doc_start, b, s, x.device))
-        if doc_start is None:
-            return self._attend(q, k, v, None, True)
         docs = doc_ids(doc_start, b, s, x.device)
+        q, k, v = self._qkv(x, positions_in_doc(doc_start, b, s, x.device))
+        if docs is None:
+            return self._attend(q, k, v, None, True)
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         mask = (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]  # [b, 1, s, s]
         return self._attend(q, k, v, mask, False)

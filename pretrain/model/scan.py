@@ -60,7 +60,10 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     batch, seq, heads, n = q.shape
     p = v.shape[-1]
     out_dtype = v.dtype
-    chunk = min(chunk_size, max(seq, 1))
+    if seq == 0:
+        state = q.new_zeros(batch, heads, n, p, dtype=torch.float32) if initial_state is None else initial_state.float()
+        return v.new_zeros(batch, 0, heads, p), state
+    chunk = min(chunk_size, seq)
     num_chunks = -(-seq // chunk)
     pad = num_chunks * chunk - seq
 
@@ -80,9 +83,10 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     cum = ld.cumsum(-1)  # log-decay from chunk start to t, inclusive; finite
     seg = reset.int().cumsum(-1)  # segment id: number of resets up to and including t
 
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    same_seg = seg[..., :, None] == seg[..., None, :]
-    pair_ok = causal & same_seg  # s <= t with no reset in (s, t]
+    pair_ok = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    has_reset = bool(reset.any())
+    if has_reset:  # s <= t with no reset in (s, t]
+        pair_ok = pair_ok & (seg[..., :, None] == seg[..., None, :])
     diff = cum[..., :, None] - cum[..., None, :]
     decay = diff.masked_fill(~pair_ok, float("-inf")).exp()  # [batch, heads, chunks, chunk, chunk]
     scores = (qc @ kc.transpose(-1, -2)) * decay
@@ -90,7 +94,10 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
 
     # Each chunk's own contribution to the state at its end, starting from zero.
     last_cum, last_seg = cum[..., -1:], seg[..., -1:]
-    to_end = (last_cum - cum).masked_fill(seg != last_seg, float("-inf")).exp()
+    to_end = last_cum - cum
+    if has_reset:
+        to_end = to_end.masked_fill(seg != last_seg, float("-inf"))
+    to_end = to_end.exp()
     local_state = (kc * to_end[..., None]).transpose(-1, -2) @ vc  # [batch, heads, chunks, N, P]
     # Total decay of a chunk; zero when a reset inside it drops the carried state.
     chunk_decay = last_cum[..., 0].exp() * (last_seg[..., 0] == 0)  # [batch, heads, chunks]
@@ -98,13 +105,16 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     state = q.new_zeros(batch, heads, n, p, dtype=torch.float32)
     if initial_state is not None:
         state = initial_state.float()
+    # Slices are taken once with unbind: indexing inside the loop would give every chunk a backward
+    # that writes a gradient as large as the whole tensor (quadratic in sequence length).
     states_in = []
-    for c in range(num_chunks):
+    for decay_c, local_c in zip(chunk_decay[..., None, None].unbind(2), local_state.unbind(2)):
         states_in.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + local_state[:, :, c]
+        state = decay_c * state + local_c
     carried = torch.stack(states_in, dim=2)  # state entering each chunk
 
-    from_start = cum.masked_fill(seg != 0, float("-inf")).exp()  # decay of the carried state up to t
+    from_start = cum.masked_fill(seg != 0, float("-inf")) if has_reset else cum
+    from_start = from_start.exp()  # decay of the carried state up to t
     y = y + (qc * from_start[..., None]) @ carried
     y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
     return y.to(out_dtype), state

@@ -195,10 +195,6 @@ def test_packed_documents_equal_separate_flagged_documents():
                 assert_close(packed[:, off:off + n], alone)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: LiquidMixer.forward (pretrain/model/mixers.py:67-68) computes the input gain 1-exp(log_a) after "
-    "setting log_a=-inf at doc starts, so a flagged document start gets gain 1 while the same document run "
-    "alone (or generated with step) gets 1-a_0; packed logits differ from separate documents"))
 def test_packed_documents_equal_separate_documents():
     """Packed forward with doc_start == each document run alone (plain forward, as generation sees it)."""
     model = make_model()
@@ -210,9 +206,6 @@ def test_packed_documents_equal_separate_documents():
             assert_close(packed[:, off:off + n], alone)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: same root cause as test_packed_documents_equal_separate_documents (mixers.py:67-68): generation from "
-    "init_state does not reproduce the training forward of a document whose first token is flagged in doc_start"))
 def test_generation_matches_training_forward_of_a_flagged_document():
     model = make_model()
     torch.manual_seed(7)

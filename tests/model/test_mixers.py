@@ -78,17 +78,9 @@ def test_packed_documents_equal_separate_runs_flagged(kind):
     assert_close(packed[1:], torch.cat([first, rest], dim=1))
 
 
-_LIQUID_GAIN_BUG = (
-    "bug: LiquidMixer.forward (pretrain/model/mixers.py:67-68) sets log_a=-inf at doc starts *before* computing "
-    "the input gain k*(1-exp(log_a)), so a document's first token gets gain 1 in a packed row but 1-a_0 when the "
-    "document runs alone (or is generated with step() from init_state); the first token is over-weighted by up to "
-    "1/(1-a_0) (~tau_max) and the packed forward disagrees with unpacked forward and with generation"
-)
-
-
 @pytest.mark.parametrize(
     "kind",
-    [pytest.param("liquid", marks=pytest.mark.xfail(strict=True, reason=_LIQUID_GAIN_BUG)), "conv", "attention"],
+    ["liquid", "conv", "attention"],
 )
 def test_packed_documents_equal_separate_runs(kind):
     """Packed row with doc_start == each document run alone with no doc_start, concatenated."""

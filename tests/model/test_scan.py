@@ -160,10 +160,6 @@ def test_empty_sequence_reference():
     torch.testing.assert_close(s, init)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: liquid_scan with seq=0 calls torch.stack on an empty list (scan.py, "
-                          "`carried = torch.stack(states_in, dim=2)`) although it guards seq=0 with "
-                          "max(seq, 1) and the reference handles it")
 def test_empty_sequence_chunked():
     q, k, v, ld, init = make_inputs(2, 0, 2, 4, 3, with_state=True)
     y, s = liquid_scan(q, k, v, ld, initial_state=init)
