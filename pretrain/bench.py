@@ -103,7 +103,7 @@ def _measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     extra = {}
-    chunk = spec["chunk_size"]
+    chunk = spec["elementwise_chunk_size"] if case == "elementwise" else spec["chunk_size"]
     if case == "sdpa":
         inputs = _sdpa_inputs(batch, seq, spec["heads"], spec["key_dim"], spec["value_dim"], device)
         extra["sdpa_backend"] = _sdpa_backend(*inputs)
@@ -245,6 +245,7 @@ def bench_scan(
     reference_max_seq=4096,
     sdpa_max_seq=16384,
     elementwise_channels=2048,
+    elementwise_chunk_size=16,
     repeats=3,
     time_budget_s=60.0,
     emit=print,
@@ -265,7 +266,8 @@ def bench_scan(
     threads = threads or torch.get_num_threads()
     base = dict(
         device=str(device), threads=threads, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
-        chunk_size=chunk_size, elementwise_channels=elementwise_channels, repeats=repeats,
+        chunk_size=chunk_size, elementwise_channels=elementwise_channels,
+        elementwise_chunk_size=elementwise_chunk_size, repeats=repeats,
     )
     hard_timeout = max(_HARD_TIMEOUT_BUDGETS * time_budget_s, _HARD_TIMEOUT_MIN_S)
     baseline_kib = 0.0
@@ -362,6 +364,8 @@ def main_scan(argv=None) -> dict:
     p.add_argument("--reference-max-seq", type=int, default=4096)
     p.add_argument("--sdpa-max-seq", type=int, default=16384)
     p.add_argument("--elementwise-channels", type=int, default=2048)
+    p.add_argument("--elementwise-chunk-size", type=int, default=16,
+                   help="chunk of the N=P=1 case: its intra-chunk matrices cost chunk x channels per token")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per (case, seq) measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's own)")
     p.add_argument("--quick", action="store_true", help="seqs 256,1024 and repeats 1 unless given explicitly")
@@ -377,7 +381,8 @@ def main_scan(argv=None) -> dict:
     config = dict(
         seqs=list(seqs), heads=args.heads, key_dim=args.key_dim, value_dim=args.value_dim, batch=args.batch,
         chunk_size=args.chunk_size, reference_max_seq=args.reference_max_seq, sdpa_max_seq=args.sdpa_max_seq,
-        elementwise_channels=args.elementwise_channels, repeats=args.repeats, time_budget_s=args.time_budget,
+        elementwise_channels=args.elementwise_channels, elementwise_chunk_size=args.elementwise_chunk_size,
+        repeats=args.repeats, time_budget_s=args.time_budget,
     )
     device = _device()
     results = bench_scan(**{**config, "seqs": seqs}, emit=_progress, threads=threads)
