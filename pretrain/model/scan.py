@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_SIZE = 64
+GROUP_TOKENS = 1024  # tokens per group of chunks processed together (see liquid_scan)
 
 
 def _check_shapes(q, k, v, log_decay, initial_state):
@@ -78,33 +79,46 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
     # Padding uses log_decay 0 and k = 0, so the final state is unaffected by it.
     ld = to_chunks(log_decay)  # [batch, heads, chunks, chunk]
+    state = q.new_zeros(batch, heads, n, p, dtype=torch.float32)
+    if initial_state is not None:
+        state = initial_state.float()
+    # Groups of chunks run one after another so each group's temporaries stay cache-sized in forward
+    # and backward; the work per token does not depend on the sequence length.
+    group = max(1, GROUP_TOKENS // chunk)
+    ys = []
+    for parts in zip(*(x.split(group, dim=2) for x in (qc, kc, vc, ld))):
+        y, state = _chunk_group(*parts, state)
+        ys.append(y)
+    y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
+    y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
+    return y.to(out_dtype), state
+
+
+def _chunk_group(qc, kc, vc, ld, state):
+    """Chunks [batch, heads, chunks, chunk, ...] of one group, entering with `state`; returns (y, state)."""
+    chunk = ld.shape[-1]
     reset = torch.isneginf(ld)
-    ld = ld.masked_fill(reset, 0.0)
+    has_reset = bool(reset.any())
+    ld = ld.masked_fill(reset, 0.0) if has_reset else ld
     cum = ld.cumsum(-1)  # log-decay from chunk start to t, inclusive; finite
     seg = reset.int().cumsum(-1)  # segment id: number of resets up to and including t
 
-    pair_ok = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    has_reset = bool(reset.any())
+    pair_ok = torch.ones(chunk, chunk, dtype=torch.bool, device=ld.device).tril()
     if has_reset:  # s <= t with no reset in (s, t]
         pair_ok = pair_ok & (seg[..., :, None] == seg[..., None, :])
     diff = cum[..., :, None] - cum[..., None, :]
     decay = diff.masked_fill(~pair_ok, float("-inf")).exp()  # [batch, heads, chunks, chunk, chunk]
-    scores = (qc @ kc.transpose(-1, -2)) * decay
-    y = scores @ vc  # intra-chunk part
+    y = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # intra-chunk part
 
     # Each chunk's own contribution to the state at its end, starting from zero.
     last_cum, last_seg = cum[..., -1:], seg[..., -1:]
     to_end = last_cum - cum
     if has_reset:
         to_end = to_end.masked_fill(seg != last_seg, float("-inf"))
-    to_end = to_end.exp()
-    local_state = (kc * to_end[..., None]).transpose(-1, -2) @ vc  # [batch, heads, chunks, N, P]
+    local_state = (kc * to_end.exp()[..., None]).transpose(-1, -2) @ vc  # [batch, heads, chunks, N, P]
     # Total decay of a chunk; zero when a reset inside it drops the carried state.
     chunk_decay = last_cum[..., 0].exp() * (last_seg[..., 0] == 0)  # [batch, heads, chunks]
 
-    state = q.new_zeros(batch, heads, n, p, dtype=torch.float32)
-    if initial_state is not None:
-        state = initial_state.float()
     # Slices are taken once with unbind: indexing inside the loop would give every chunk a backward
     # that writes a gradient as large as the whole tensor (quadratic in sequence length).
     states_in = []
@@ -114,10 +128,8 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     carried = torch.stack(states_in, dim=2)  # state entering each chunk
 
     from_start = cum.masked_fill(seg != 0, float("-inf")) if has_reset else cum
-    from_start = from_start.exp()  # decay of the carried state up to t
-    y = y + (qc * from_start[..., None]) @ carried
-    y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
-    return y.to(out_dtype), state
+    y = y + (qc * from_start.exp()[..., None]) @ carried  # decay of the carried state up to t
+    return y, state
 
 
 __all__ = ["liquid_scan", "liquid_scan_reference", "DEFAULT_CHUNK_SIZE"]

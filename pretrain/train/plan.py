@@ -90,17 +90,24 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
     }
 
 
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_plan(plan: dict) -> str:
     a, mem = plan["assumed"], plan["memory_gib_per_rank"]
     lay = plan["layout"]
     lines = [
-        f"parameters      total {plan['params_total'] / 1e9:.2f}B   active {plan['params_active'] / 1e9:.2f}B"
-        f"   (routed experts {plan['params_expert'] / 1e9:.2f}B)",
-        f"FLOPs/token     {plan['flops_per_token'] / 1e9:.2f} GFLOP (training, seq {lay['seq_len']})",
+        f"parameters      total {_count(plan['params_total'])}   active {_count(plan['params_active'])}"
+        f"   (routed experts {_count(plan['params_expert'])})",
+        f"FLOPs/token     {_count(plan['flops_per_token'])} (training, seq {lay['seq_len']})",
         f"layout          dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} zero={lay['zero_stage']}"
         f" micro_batch={lay['micro_batch']}",
         "memory/rank     " + "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
         f"throughput      {plan['tokens_per_s']:,.0f} tokens/s on {a['gpus']} x {a['device']} at {a['mfu']:.0%} MFU",
-        f"time            {plan['days_to_tokens']:.1f} days to {a['tokens'] / 1e12:g}T tokens",
+        f"time            {plan['days_to_tokens']:.1f} days to {_count(a['tokens'])} tokens",
     ]
     return "\n".join(lines)
