@@ -30,6 +30,58 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args) -> int:
+    from data_pipeline.sources import SourceStats, expand_inputs, iter_texts
+    from data_pipeline.tokenizer import TextTokenizer, train_tokenizer
+
+    files = expand_inputs(args.input)
+    stats = SourceStats()
+    texts = (t for f in files for t in iter_texts(f, text_field=args.text_field, stats=stats))
+    path = train_tokenizer(texts, vocab_size=args.vocab_size, out_dir=args.out)
+    if stats.documents == 0:
+        raise ValueError(f"no documents in {args.input} (skipped: {stats.skipped_where[:3]})")
+    tok = TextTokenizer(path)
+    print(f"tokenizer: {path} ({tok.vocab_size} tokens, model.vocab_size={tok.padded_vocab_size}); "
+          f"trained on {stats.documents:,} documents, {stats.bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from data_pipeline.prepare import prepare, summary_line
+
+    summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
+                      block_tokens=args.block_tokens, ray_address=args.ray_address, use_ray=not args.no_ray,
+                      overwrite=args.overwrite)
+    print(summary_line(summary))
+    return 0
+
+
+def _add_data_parsers(sub) -> None:
+    from data_pipeline.format import BLOCK_TOKENS
+
+    data = sub.add_parser("data", help="tokenizer training and shard preparation")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    tok = dsub.add_parser("tokenizer", help="tokenizer commands")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = tsub.add_parser("train", help="train a byte-level BPE tokenizer locally")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = dsub.add_parser("prepare", help="raw documents -> tokenized MDS shards (parallel on Ray)")
+    p.add_argument("--input", nargs="+", required=True, help="files (.txt .jsonl[.gz|.zst] .parquet), dirs or globs")
+    p.add_argument("--output", required=True, help="local directory or URL (s3://bucket/prefix)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS, help="tokens per MDS sample")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
+    p.add_argument("--no-ray", action="store_true", help="run in this process (small inputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.set_defaults(func=_cmd_prepare)
+
+
 def _cmd_bench(args) -> int:
     from pretrain import bench
 
@@ -60,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="H100", help="H100, H200 or A100 (peak bf16 dense FLOP/s)")
     p.add_argument("--tokens", type=float, default=10e12, help="training tokens for the time estimate")
     p.set_defaults(func=_cmd_plan)
+
+    _add_data_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument("which", choices=["scan"])

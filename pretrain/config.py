@@ -81,9 +81,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    path: str = ""  # prepared shards: a local directory or a URL (s3://bucket/prefix)
+    proportion: Optional[float] = None  # share of rows drawn from this stream; all set or none
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: Optional[str] = None  # prepared shards (directory or URL); None = the embedded corpus
-    corpus_max_mb: float = 8.0  # how much of the embedded corpus to read
+    streams: list[StreamConfig] = field(default_factory=list)  # several datasets mixed by proportion
+    cache_dir: str = "~/.cache/liquid-pretrain/streaming"  # local copies of remote shards
+    shuffle: bool = True
+    shuffle_buffer_blocks: int = 8  # rows of this many blocks are shuffled together
+    validate_hash: bool = True
+    # The embedded corpus (used when neither path nor streams is set):
+    corpus_max_mb: float = 8.0
+    tokenizer: Optional[str] = None  # an existing tokenizer.json; None = train one on the corpus
+    tokenizer_vocab_size: int = 2048
 
 
 @dataclass(frozen=True)
@@ -257,6 +271,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.cluster.num_workers == world, "cluster.num_workers",
              f"must equal parallel.dp x parallel.cp = {world} (one worker per rank), got {cfg.cluster.num_workers}")
     _require(cfg.checkpoint.resume in ("none", "auto"), "checkpoint.resume", "must be none or auto")
+    d = cfg.data
+    _require(not (d.path and d.streams), "data.streams", "set data.path or data.streams, not both")
+    for i, s in enumerate(d.streams):
+        _require(bool(s.path), f"data.streams[{i}].path", "must name a directory or URL of prepared shards")
+        _require(s.proportion is None or s.proportion > 0, f"data.streams[{i}].proportion", "must be > 0")
+    _require(len({s.proportion is None for s in d.streams}) <= 1, "data.streams",
+             "give every stream a proportion, or none")
+    _require(d.shuffle_buffer_blocks >= 1, "data.shuffle_buffer_blocks", "must be >= 1")
 
 
 def to_yaml(cfg: Config) -> str:

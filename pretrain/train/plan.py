@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from data_pipeline.format import BLOCK_TOKENS
 from pretrain.model.model import LiquidLM
 from pretrain.train.flops import PEAK_FLOPS, count_params, flops_per_token
 
@@ -60,8 +61,28 @@ def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_ba
     return out
 
 
+def data_plan(*, tokens: float, block_tokens: int, vocab_size: int, shard_mb: float = 64.0,
+              index_bytes_per_shard: int = 400) -> dict:
+    """What a token budget means for the shard pipeline (uncompressed sizes; compression shrinks shards)."""
+    bytes_per_token = 2 if vocab_size <= 2**16 else 4
+    samples = tokens / block_tokens
+    shards = tokens * bytes_per_token / (shard_mb * 2**20)
+    return {
+        "tokens": tokens,
+        "block_tokens": block_tokens,
+        "bytes_per_token": bytes_per_token,
+        "samples_per_epoch": samples,
+        "shards": shards,
+        "dataset_tib": tokens * bytes_per_token / 2**40,
+        "index_mib": shards * index_bytes_per_shard / 2**20,
+        # mosaicml-streaming keeps the epoch's shuffled sample ids (int64) in shared memory on every node.
+        "loader_mib_per_node": samples * 8 / 2**20,
+        "per_sample_ids_if_rows_were_samples_gib": tokens / 4096 * 8 / 2**30,
+    }
+
+
 def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str = "H100",
-               tokens: float = 10e12) -> dict:
+               tokens: float = 10e12, block_tokens: int = BLOCK_TOKENS) -> dict:
     m, t, p = config.model, config.train, config.parallel
     with torch.device("meta"):
         built = sum(x.numel() for x in LiquidLM(m).parameters())
@@ -87,6 +108,7 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
         "assumed": {"mfu": mfu, "gpus": gpus, "device": device, "peak_flops": peak, "tokens": tokens},
         "tokens_per_s": tokens_per_s,
         "days_to_tokens": tokens / tokens_per_s / 86400,
+        "data": data_plan(tokens=tokens, block_tokens=block_tokens, vocab_size=m.vocab_size),
     }
 
 
@@ -103,11 +125,19 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"parameters      total {_count(plan['params_total'])}   active {_count(plan['params_active'])}"
         f"   (routed experts {_count(plan['params_expert'])})",
-        f"FLOPs/token     {_count(plan['flops_per_token'])} (training, seq {lay['seq_len']})",
+        f"FLOPs/token     {plan['flops_per_token'] / 1e9:.2f} GFLOP (training, seq {lay['seq_len']})",
         f"layout          dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} zero={lay['zero_stage']}"
         f" micro_batch={lay['micro_batch']}",
         "memory/rank     " + "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
         f"throughput      {plan['tokens_per_s']:,.0f} tokens/s on {a['gpus']} x {a['device']} at {a['mfu']:.0%} MFU",
         f"time            {plan['days_to_tokens']:.1f} days to {_count(a['tokens'])} tokens",
+    ]
+    d = plan["data"]
+    lines += [
+        f"data            {_count(d['tokens'])} tokens = {d['dataset_tib']:.1f} TiB uncompressed"
+        f" ({d['bytes_per_token']} B/token), blocks of {d['block_tokens']:,} tokens",
+        f"                {_count(d['samples_per_epoch'])} samples/epoch, {_count(d['shards'])} shards of 64 MiB,"
+        f" index ~{d['index_mib']:,.0f} MiB, loader ~{d['loader_mib_per_node']:,.0f} MiB/node"
+        f" (vs {d['per_sample_ids_if_rows_were_samples_gib']:,.0f} GiB if each 4096-token row were a sample)",
     ]
     return "\n".join(lines)
