@@ -3,6 +3,7 @@ Run `python -m pretrain.bench --help`; each (case, seq) is measured in a fresh c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
 
-CASES = ("chunked", "reference", "sdpa", "elementwise")
+CASES = ("chunked", "chunked_recompute", "reference", "sdpa", "elementwise")
 SEED = 0
 _RESULT_PREFIX = "BENCH_RESULT "
 # Never start a measurement whose extrapolated peak memory exceeds this share of the memory available.
@@ -118,6 +119,8 @@ def _measure(spec: dict) -> dict:
             heads, n, p = spec["heads"], spec["key_dim"], spec["value_dim"]
         inputs = _scan_inputs(batch, seq, heads, n, p, device)
         scan = liquid_scan_reference if case == "reference" else liquid_scan
+        if case == "chunked_recompute":
+            scan = functools.partial(liquid_scan, recompute=True)
 
         def loss_fn(q, k, v, log_decay):
             y, state = scan(q, k, v, log_decay, chunk_size=chunk)

@@ -26,6 +26,7 @@ class LiquidConfig:
     value_dim: int = 32  # P: columns of the per-head state
     chunk_size: int = 64
     conv_kernel: int = 3  # short causal conv on the value path; 0 disables it
+    recompute: bool = False  # recompute the scan's chunk matrices in backward (less activation memory)
     tau_min: float = 1.0  # time constants 1/exp(l_h) are spread log-uniformly over [tau_min, tau_max]
     tau_max: float = 256.0
 

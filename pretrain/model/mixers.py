@@ -27,7 +27,7 @@ class LiquidMixer(nn.Module):
     def __init__(self, d_model: int, cfg, norm_eps: float = 1e-5):
         super().__init__()
         self.h, self.n, self.p = cfg.heads, cfg.key_dim, cfg.value_dim
-        self.chunk_size = cfg.chunk_size
+        self.chunk_size, self.recompute = cfg.chunk_size, cfg.recompute
         self.kernel = cfg.conv_kernel
         hn, hp = self.h * self.n, self.h * self.p
         self.in_proj = nn.Linear(d_model, 2 * hn + 2 * hp, bias=False)  # q, k, v, gate
@@ -67,7 +67,8 @@ class LiquidMixer(nn.Module):
         k = k * (-torch.expm1(log_a))[..., None].to(k.dtype)
         if doc_start is not None:
             log_a = log_a.masked_fill(doc_start.bool()[..., None], float("-inf"))
-        y, _ = liquid_scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size)
+        y, _ = liquid_scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size,
+                           recompute=self.recompute)
         return self._finish(y, gate, (batch, seq))
 
     def init_state(self, batch, device, dtype):

@@ -15,7 +15,7 @@ tokens in different segments are masked out, and the carried state is dropped af
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.utils.checkpoint
 
 DEFAULT_CHUNK_SIZE = 64
 GROUP_TOKENS = 1024  # tokens per group of chunks processed together (see liquid_scan)
@@ -53,8 +53,12 @@ def liquid_scan_reference(q, k, v, log_decay, *, initial_state=None, chunk_size=
     return y.to(v.dtype), state
 
 
-def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE):
-    """Chunked parallel scan: masked matmuls inside a chunk, state passing between chunks."""
+def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE, recompute=False):
+    """Chunked parallel scan: masked matmuls inside a chunk, state passing between chunks.
+
+    recompute=True keeps only each group's inputs for backward and recomputes its chunk matrices there
+    (about a third more compute; the memory left is the inputs, outputs and one group's temporaries).
+    """
     _check_shapes(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -87,7 +91,10 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     group = max(1, GROUP_TOKENS // chunk)
     ys = []
     for parts in zip(*(x.split(group, dim=2) for x in (qc, kc, vc, ld))):
-        y, state = _chunk_group(*parts, state)
+        if recompute and torch.is_grad_enabled():
+            y, state = torch.utils.checkpoint.checkpoint(_chunk_group, *parts, state, use_reentrant=False)
+        else:
+            y, state = _chunk_group(*parts, state)
         ys.append(y)
     y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
     y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
