@@ -4,7 +4,9 @@ Each MDS sample is one block of BLOCK_TOKENS tokens: many training rows, so the 
 stays small at tens of trillions of tokens. Columns:
   tokens      ndarray:uint16 (vocabulary <= 65536) or ndarray:uint32, exactly `block_tokens` long;
               a file's last block is padded with pad_id after its real tokens
-  doc_starts  ndarray:int32, sorted offsets in [0, num_tokens) where a document starts
+  doc_starts  ndarray:int32, sorted offsets in [0, num_tokens) where a document starts; MDS cannot
+              store an empty array, so a block inside one long document holds the single sentinel
+              [block_tokens] (out of range on purpose: readers keep only offsets < num_tokens)
   num_tokens  int, the real (unpadded) tokens in the block
 Documents are joined with EOS (each document's tokens are followed by eos_id). The dataset root holds
 MDS `index.json` and `liquid_data.json` (this module's metadata: block size, dtype, special ids,

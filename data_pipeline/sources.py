@@ -41,7 +41,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     """Paths, directories (searched recursively for supported files) and globs -> sorted unique files."""
     files: set[Path] = set()
     for pattern in patterns:
-        matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+        # An existing path is taken as it is, even when its name holds glob characters ("[", "*", "?").
+        matches = [Path(pattern)] if Path(pattern).exists() else [Path(p) for p in glob.glob(pattern, recursive=True)]
         if not matches:
             raise ValueError(f"input '{pattern}' matches no file")
         for m in matches:
@@ -109,15 +110,31 @@ def _jsonl_texts(path: Path, fmt: str, text_field: str, stats: SourceStats):
             if not text.strip():
                 stats.skip("skipped_empty", where)
                 continue
+            if not _encodable(text):  # a JSON "\ud800" escape (lone surrogate) is no UTF-8
+                stats.skip("skipped_invalid_utf8", where)
+                continue
             yield text
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _parquet_texts(path: Path, text_field: str, stats: SourceStats):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column '{text_field}' (columns {pf.schema_arrow.names}); set --text-field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise ValueError(f"{path}: column '{text_field}' is {kind}, not a string column")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():

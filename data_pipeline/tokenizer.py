@@ -35,6 +35,9 @@ class TextTokenizer:
             self.tok = Tokenizer.from_file(str(self.path))
         except Exception as err:  # the library raises plain Exception subclasses for bad files
             raise ValueError(f"{self.path} is not a valid tokenizer.json: {err}") from None
+        # Text that spells a special token ("<|eos|>" in a document) is encoded as text, never as the token:
+        # otherwise a document could end itself early or smuggle in BOS/PAD.
+        self.tok.encode_special_tokens = True
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find(eos_token, EOS_CANDIDATES, "end-of-document")
         self.bos_id = self.tok.token_to_id(SPECIAL_TOKENS["bos"])
