@@ -83,9 +83,14 @@ def _add_data_parsers(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from pretrain import bench
+    if args.which == "data":
+        from pretrain.bench_data import main_data
 
-    bench.main_scan(args.rest)
+        main_data(args.rest)
+    else:
+        from pretrain.bench import main_scan
+
+        main_scan(args.rest)
     return 0
 
 
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("which", choices=["scan"])
+    p.add_argument("which", choices=["scan", "data"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see liquid bench scan --help)")
     p.set_defaults(func=_cmd_bench)
     return parser

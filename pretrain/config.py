@@ -52,7 +52,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 384
+    vocab_size: int = 2048
     d_model: int = 128
     num_layers: int = 4
     mixer: str = "liquid"  # kind of every layer not listed below: liquid | conv | attention

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,16 +9,21 @@ import pytest
 LIQUID = [sys.executable, "-m", "pretrain.cli"]
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([*LIQUID, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([*LIQUID, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, **(env or {})})
 
 
 def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
+    """No data path: the embedded corpus goes through tokenizer training, prepare and the streaming loader."""
     run_dir = tmp_path / "run"
-    proc = run_cli("pretrain", "tiny", f"run.dir={run_dir}", "train.max_steps=6", "train.log_interval=2",
-                   "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
-                   "data.corpus_max_mb=0.5")
+    args = ("pretrain", "tiny", f"run.dir={run_dir}", "train.max_steps=6", "train.log_interval=2",
+            "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512", "model.vocab_size=512")
+    proc = run_cli(*args, env={"LIQUID_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
+    assert "training a byte-level BPE tokenizer" in proc.stdout
+    assert list((tmp_path / "cache").glob("builtin-*/shards/index.json"))
     assert "step      6/6" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
@@ -25,6 +31,22 @@ def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
         assert {"step", "loss", "tokens", "tokens_per_s"} <= set(r)
     assert records[-1]["tokens"] == 6 * 4 * 64
     assert (run_dir / "config.yaml").exists() and "max_steps: 6" in (run_dir / "config.yaml").read_text()
+    # The second run finds the prepared shards in the cache.
+    again = run_cli(*args[:-1], "model.vocab_size=512", f"run.dir={tmp_path / 'run2'}",
+                    env={"LIQUID_CACHE": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr
+    assert "training a byte-level BPE tokenizer" not in again.stdout
+    # Same seed, same shards: the same losses.
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [r["loss"] for r in records]
+
+
+def test_vocab_too_small_for_the_tokenizer_is_a_clear_error(tmp_path):
+    proc = run_cli("pretrain", "tiny", f"run.dir={tmp_path / 'run'}", "train.max_steps=1", "data.corpus_max_mb=0.5",
+                   "data.tokenizer_vocab_size=512", "model.vocab_size=256",
+                   env={"LIQUID_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2
+    assert "set model.vocab_size=512" in proc.stderr
 
 
 def test_cli_errors_are_clear_and_exit_2():

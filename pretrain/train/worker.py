@@ -51,6 +51,7 @@ def train_main(cfg) -> dict:
                             autocast_dtype=autocast_dtype)
     finally:
         logger.close()
+        data.close()
     summary = {"run_dir": str(run_dir), "config_hash": config_hash(cfg), "steps": result["steps"],
                "tokens": result["tokens"], "first_loss": result["history"][0]["loss"] if result["history"] else None,
                "last_loss": result["history"][-1]["loss"] if result["history"] else None}

@@ -1,0 +1,156 @@
+"""`liquid bench data`: prepare throughput, loader throughput and a raw numpy.memmap read of the same tokens.
+
+Prints one JSON line; progress goes to stderr. Everything runs on the local disk under --workdir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _log(msg: str) -> None:
+    print(f"[bench data] {msg}", file=sys.stderr, flush=True)
+
+
+def _corpus(workdir: Path, mb: float) -> Path:
+    """The embedded corpus as jsonl, repeated until it holds `mb` megabytes."""
+    from data_pipeline.corpus import iter_stdlib_documents
+
+    path = workdir / "corpus.jsonl"
+    docs = [data.decode("utf-8", "replace") for _, data in iter_stdlib_documents(int(min(mb, 16) * 2**20))]
+    written, target = 0, int(mb * 2**20)
+    with path.open("w", encoding="utf-8") as fh:
+        while written < target:
+            for text in docs:
+                fh.write(json.dumps({"text": text}) + "\n")
+                written += len(text)
+                if written >= target:
+                    break
+    return path
+
+
+def _time_loader(shards: str, workdir: Path, *, seq_len: int, batch: int, max_tokens: int) -> dict:
+    from data_pipeline.loader import StreamingRows
+
+    loader = StreamingRows([shards], seq_len=seq_len, seed=0, cache_dir=workdir / "cache")
+    tokens, start = 0, time.perf_counter()
+    while tokens < max_tokens:
+        tokens += loader.next_batch(batch)["input_ids"].numel()
+    seconds = time.perf_counter() - start
+    loader.close()
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def _raw_file(shards: str, workdir: Path) -> tuple[Path, int]:
+    """Every real token of the dataset in one flat uint16 file on the same disk."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=shards, shuffle=False, batch_size=1)
+    path = workdir / "tokens.bin"
+    with path.open("wb") as fh:
+        for i in range(ds.num_samples):
+            sample = ds[i]
+            fh.write(np.asarray(sample["tokens"][: sample["num_tokens"]]).tobytes())
+    return path, path.stat().st_size // 2
+
+
+def _time_memmap(path: Path, *, seq_len: int, batch: int, max_tokens: int) -> dict:
+    """Shuffled rows of seq_len + 1 read from a memmap and turned into the same int64 tensors."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    order = np.random.default_rng(0).permutation((len(data) - 1) // seq_len)
+    tokens, start, pos = 0, time.perf_counter(), 0
+    while tokens < max_tokens:
+        picks = order[pos: pos + batch] if pos + batch <= len(order) else order[:batch]
+        pos = pos + batch if pos + batch <= len(order) else batch
+        rows = np.stack([data[r * seq_len: r * seq_len + seq_len + 1] for r in picks]).astype(np.int64)
+        ids = torch.from_numpy(rows)
+        tokens += ids[:, :-1].numel()
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def _time_tiny_training(steps: int) -> float:
+    """tokens/s of the tiny preset's training step on random tokens (the rate the loader must outrun)."""
+    from parallel.engine import build_engine
+    from pretrain.config import load_config
+    from pretrain.model.model import build_model
+
+    cfg = load_config("tiny")
+    t = cfg.train
+    model = build_model(cfg.model)
+    engine = build_engine(model, cfg.optim, cfg.parallel, max_steps=steps + 1, grad_accum=1)
+    ids = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        engine.backward(model(ids[:, :-1], labels=ids[:, 1:]).loss)
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return t.global_batch_size * t.seq_len / (sum(times[1:]) / steps)
+
+
+def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workdir: Path, train_steps: int) -> dict:
+    from data_pipeline.prepare import prepare
+    from data_pipeline.tokenizer import train_tokenizer
+
+    corpus = _corpus(workdir, mb)
+    _log(f"corpus {corpus.stat().st_size / 2**20:.1f} MiB; training a tokenizer")
+    texts = (json.loads(line)["text"] for line in corpus.open(encoding="utf-8"))
+    tokenizer = train_tokenizer(texts, vocab_size=2048, out_dir=workdir / "tokenizer")
+    import streaming  # noqa: F401  (imported once here so the prepare timing excludes it)
+
+    _log("prepare (one process)")
+    summary = prepare([str(corpus)], str(workdir / "shards"), str(tokenizer), use_ray=False, progress=False)
+    shards = str(workdir / "shards")
+    _log(f"loader: {loader_tokens:,} tokens, seq_len {seq_len}, batch {batch}")
+    loader = _time_loader(shards, workdir, seq_len=seq_len, batch=batch, max_tokens=loader_tokens)
+    raw_path, raw_tokens = _raw_file(shards, workdir)
+    _log(f"raw memmap read of {raw_tokens:,} tokens")
+    raw = _time_memmap(raw_path, seq_len=seq_len, batch=batch, max_tokens=loader_tokens)
+    _log(f"tiny training step x {train_steps}")
+    train_tps = _time_tiny_training(train_steps) if train_steps else None
+    return {
+        "bench": "data",
+        "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "prepare": {"tokens": summary["tokens"], "seconds": summary["seconds"],
+                    "tokens_per_s_per_process": summary["tokens"] / summary["seconds"],
+                    "mb_per_s": corpus.stat().st_size / 2**20 / summary["seconds"]},
+        "loader": loader,
+        "raw_memmap": raw,
+        "tiny_training_tokens_per_s": train_tps,
+        "summary": {
+            "loader_over_raw": loader["tokens_per_s"] / raw["tokens_per_s"],
+            "loader_over_tiny_training": loader["tokens_per_s"] / train_tps if train_tps else None,
+        },
+    }
+
+
+def main_data(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="liquid bench data", description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=float, default=16.0, help="corpus size in MiB of text")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--loader-tokens", type=int, default=4_000_000, help="tokens read by each reader")
+    p.add_argument("--train-steps", type=int, default=5, help="tiny training steps timed (0 = skip)")
+    p.add_argument("--workdir", default=None, help="where shards are written (default: a temp dir)")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="liquid-bench-data-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        out = bench_data(mb=args.mb, seq_len=args.seq_len, batch=args.batch, loader_tokens=args.loader_tokens,
+                         workdir=workdir, train_steps=args.train_steps)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(out), flush=True)
+    return out
