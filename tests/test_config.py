@@ -73,3 +73,12 @@ def test_bad_override_syntax_and_unknown_preset():
         load_config("tiny", ["train.max_steps"])
     with pytest.raises(ValueError, match="presets: .*tiny"):
         resolve_preset("no-such-preset")
+
+
+def test_data_streams_with_proportions():
+    cfg = load_config("tiny", ["data.streams=[{path: s3://b/web, proportion: 0.7}, {path: /data/code, proportion: 0.3}]"])
+    assert [(s.path, s.proportion) for s in cfg.data.streams] == [("s3://b/web", 0.7), ("/data/code", 0.3)]
+    with pytest.raises(ValueError, match="every stream a proportion, or none"):
+        load_config("tiny", ["data.streams=[{path: a, proportion: 0.7}, {path: b}]"])
+    with pytest.raises(ValueError, match="data.path or data.streams, not both"):
+        load_config("tiny", ["data.path=x", "data.streams=[{path: a}]"])

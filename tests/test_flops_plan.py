@@ -60,3 +60,19 @@ def test_plan_numbers():
     # ZeRO-1 shards the optimizer state: more data-parallel ranks, less optimizer memory per rank.
     small = build_plan(load_config("liquid-8b-a1b", ["parallel.dp=8", "cluster.num_workers=8"]), gpus=8)
     assert small["memory_gib_per_rank"]["optimizer"] > mem["optimizer"]
+
+
+def test_plan_data_section_at_38t_tokens():
+    from data_pipeline.format import BLOCK_TOKENS
+    from pretrain.train.plan import data_plan
+
+    d = data_plan(tokens=38e12, block_tokens=BLOCK_TOKENS, vocab_size=65536)
+    assert d["bytes_per_token"] == 2
+    assert abs(d["samples_per_epoch"] - 38e12 / BLOCK_TOKENS) < 1
+    assert abs(d["shards"] - 38e12 * 2 / 2**26) < 1
+    # Blocks of 64K tokens keep the per-node sample index in GiB, where 4096-token samples would need ~69 GiB.
+    assert d["loader_mib_per_node"] < 5 * 1024
+    assert 65 < d["per_sample_ids_if_rows_were_samples_gib"] < 75
+    assert data_plan(tokens=1e9, block_tokens=1025, vocab_size=100_000)["bytes_per_token"] == 4
+    plan = build_plan(load_config("liquid-8b-a1b"), tokens=38e12)
+    assert plan["data"]["tokens"] == 38e12
