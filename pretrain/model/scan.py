@@ -45,10 +45,11 @@ def liquid_scan_reference(q, k, v, log_decay, *, initial_state=None, chunk_size=
     if initial_state is not None:
         state = initial_state.float()
     ys = []
-    for t in range(seq):
-        decay = log_decay[:, t].float().exp()[..., None, None]  # [batch, heads, 1, 1]
-        state = decay * state + k[:, t].float()[..., :, None] * v[:, t].float()[..., None, :]
-        ys.append(torch.einsum("bhn,bhnp->bhp", q[:, t].float(), state))
+    # unbind once: indexing [:, t] in the loop would make backward quadratic in seq.
+    for q_t, k_t, v_t, ld_t in zip(q.float().unbind(1), k.float().unbind(1), v.float().unbind(1),
+                                   log_decay.float().unbind(1)):
+        state = ld_t.exp()[..., None, None] * state + k_t[..., :, None] * v_t[..., None, :]
+        ys.append(torch.einsum("bhn,bhnp->bhp", q_t, state))
     y = torch.stack(ys, dim=1) if ys else v.new_zeros(batch, 0, heads, p, dtype=torch.float32)
     return y.to(v.dtype), state
 
