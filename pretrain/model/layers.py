@@ -39,6 +39,12 @@ def positions_in_doc(doc_start: torch.Tensor | None, batch: int, seq: int, devic
     return idx - start_idx.cummax(-1).values
 
 
+def no_halo(x: torch.Tensor, doc_start: torch.Tensor | None, width: int) -> None:
+    """The single-device halo: nothing precedes position 0 (context parallelism supplies the previous
+    rank's last `width` inputs instead, see parallel/context_parallel.py)."""
+    return None
+
+
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, docs: torch.Tensor | None,
                           tail: torch.Tensor | None = None) -> torch.Tensor:
     """y_t = sum_i weight[:, i] * x_{t-K+1+i}, never reaching across a document start.

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.model.layers import (RMSNorm, apply_rope, causal_depthwise_conv, doc_ids, positions_in_doc,
-                                   rope_cos_sin)
+from pretrain.model.layers import (RMSNorm, apply_rope, causal_depthwise_conv, doc_ids, no_halo,
+                                   positions_in_doc, rope_cos_sin)
 from pretrain.model.scan import liquid_scan
 
 
@@ -37,6 +37,9 @@ class LiquidMixer(nn.Module):
         self.conv = nn.Conv1d(hp, hp, self.kernel, groups=hp, bias=False) if self.kernel > 0 else None
         self.norm = RMSNorm(self.p, eps=norm_eps)
         self.out_proj = nn.Linear(hp, d_model, bias=False)
+        # Hooks that context parallelism (parallel/context_parallel.py) replaces; the defaults are single-device.
+        self.scan = liquid_scan  # the recurrence, same signature as liquid_scan
+        self.halo = no_halo  # (v, doc_start, K-1) -> inputs before position 0 for the value conv, or None
         with torch.no_grad():
             self.rate_proj.bias.fill_(-4.0)  # softplus(-4) ~ 0.018: start close to the base time constants
             self.rate_proj.weight.mul_(0.1)
@@ -62,13 +65,13 @@ class LiquidMixer(nn.Module):
         docs = doc_ids(doc_start, batch, seq, x.device)
         q, k, v, gate, log_a = self._project(x, dt)
         if self.conv is not None:
-            v = causal_depthwise_conv(v, self.conv.weight, docs)
+            v = causal_depthwise_conv(v, self.conv.weight, docs, tail=self.halo(v, doc_start, self.kernel - 1))
         # The gain 1 - a_t uses the real rate even at a document start, as when the document runs alone.
         k = k * (-torch.expm1(log_a))[..., None].to(k.dtype)
         if doc_start is not None:
             log_a = log_a.masked_fill(doc_start.bool()[..., None], float("-inf"))
-        y, _ = liquid_scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size,
-                           recompute=self.recompute)
+        y, _ = self.scan(q, k, v.view(batch, seq, self.h, self.p), log_a, chunk_size=self.chunk_size,
+                         recompute=self.recompute)
         return self._finish(y, gate, (batch, seq))
 
     def init_state(self, batch, device, dtype):
@@ -103,11 +106,14 @@ class ConvMixer(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.halo = no_halo  # hook: (bx, doc_start, K-1) -> inputs before position 0, or None (single device)
 
     def forward(self, x, *, doc_start=None, dt=None):
         b_gate, c_gate, xx = self.in_proj(x).chunk(3, dim=-1)
         docs = doc_ids(doc_start, x.shape[0], x.shape[1], x.device)
-        return self.out_proj(c_gate * causal_depthwise_conv(b_gate * xx, self.conv.weight, docs))
+        bx = b_gate * xx
+        tail = self.halo(bx, doc_start, self.kernel - 1)
+        return self.out_proj(c_gate * causal_depthwise_conv(bx, self.conv.weight, docs, tail=tail))
 
     def init_state(self, batch, device, dtype):
         return {"conv": torch.zeros(batch, self.kernel - 1, self.conv.in_channels, device=device, dtype=dtype)}
@@ -132,6 +138,9 @@ class AttentionMixer(nn.Module):
         self.out_proj = nn.Linear(self.h * self.hd, d_model, bias=False)
         self.q_norm = RMSNorm(self.hd, eps=norm_eps)
         self.k_norm = RMSNorm(self.hd, eps=norm_eps)
+        # Hooks that context parallelism replaces: where this slice's queries sit among all keys.
+        self.layout = local_attention_layout  # (doc_start, batch, seq, device) -> (positions, mask or None)
+        self.gather_kv = local_kv  # (k, v) -> (k, v) of every key position the mask refers to
 
     def _qkv(self, x, positions):
         b, s, _ = x.shape
@@ -151,13 +160,10 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x, *, doc_start=None, dt=None):
         b, s, _ = x.shape
-        docs = doc_ids(doc_start, b, s, x.device)
-        q, k, v = self._qkv(x, positions_in_doc(doc_start, b, s, x.device))
-        if docs is None:
-            return self._attend(q, k, v, None, True)
-        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]  # [b, 1, s, s]
-        return self._attend(q, k, v, mask, False)
+        positions, mask = self.layout(doc_start, b, s, x.device)
+        q, k, v = self._qkv(x, positions)
+        k, v = self.gather_kv(k, v)
+        return self._attend(q, k, v, mask, mask is None)
 
     def init_state(self, batch, device, dtype):
         empty = torch.zeros(batch, 0, self.kv, self.hd, device=device, dtype=dtype)
@@ -171,6 +177,21 @@ class AttentionMixer(nn.Module):
         state["v"] = torch.cat([state["v"], v], dim=1)
         state["pos"] += 1
         return self._attend(q, state["k"], state["v"], None, False), state
+
+
+def local_attention_layout(doc_start, batch: int, seq: int, device):
+    """positions [b, s] restarting at every document, and the causal same-document mask [b, 1, s, s]
+    (None when the row is one document: plain causal attention)."""
+    positions = positions_in_doc(doc_start, batch, seq, device)
+    docs = doc_ids(doc_start, batch, seq, device)
+    if docs is None:
+        return positions, None
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    return positions, (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def local_kv(k, v):
+    return k, v
 
 
 def build_mixer(kind: str, d_model: int, model_cfg):
