@@ -10,11 +10,11 @@ import sys
 
 
 def _cmd_pretrain(args) -> int:
+    from cluster.launch import launch
     from pretrain.config import load_config
-    from pretrain.train.worker import train_main
 
     cfg = load_config(args.config, args.overrides)
-    summary = train_main(cfg)
+    summary = launch(cfg)
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, loss {summary['first_loss']:.4f} -> "
           f"{summary['last_loss']:.4f}; run directory {summary['run_dir']}")
     return 0

@@ -147,8 +147,10 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     num_workers: int = 1
-    address: Optional[str] = None
+    address: Optional[str] = None  # a Ray cluster to join; None starts a local one when Ray is used
+    launcher: str = "auto"  # auto (Ray when num_workers > 1 or an address is set) | ray | local
     use_gpu: bool = False
+    cpus_per_worker: int = 1
     max_failures: int = 3
 
 
@@ -272,6 +274,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.cluster.num_workers == world, "cluster.num_workers",
              f"must equal parallel.dp x parallel.cp = {world} (one worker per rank), got {cfg.cluster.num_workers}")
     _require(cfg.checkpoint.resume in ("none", "auto"), "checkpoint.resume", "must be none or auto")
+    _require(cfg.cluster.launcher in ("auto", "ray", "local"), "cluster.launcher", "must be auto, ray or local")
+    _require(cfg.cluster.launcher != "local" or world == 1, "cluster.launcher",
+             f"local runs one process; {world} ranks need cluster.launcher=ray (or auto)")
     d = cfg.data
     _require(not (d.path and d.streams), "data.streams", "set data.path or data.streams, not both")
     for i, s in enumerate(d.streams):
@@ -280,6 +285,14 @@ def validate(cfg: Config) -> None:
     _require(len({s.proportion is None for s in d.streams}) <= 1, "data.streams",
              "give every stream a proportion, or none")
     _require(d.shuffle_buffer_blocks >= 1, "data.shuffle_buffer_blocks", "must be >= 1")
+
+
+def config_from_yaml(text: str) -> Config:
+    """The inverse of `to_yaml`: how the driver hands the resolved config to every worker."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    except OmegaConfBaseException as err:
+        raise _friendly(err, "resolved config") from None
 
 
 def to_yaml(cfg: Config) -> str:

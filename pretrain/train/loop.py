@@ -1,6 +1,7 @@
 """The training loop: forward -> loss -> backward -> step -> expert-bias update -> metrics.
 
-It is the only loop; engines (single process now, DeepSpeed across ranks later) sit behind `engine`.
+It is the only loop. What differs between one process and many ranks sits behind `engine` (gradient
+reduction, ZeRO) and `topology` (context-parallel slicing, global expert load, metric reductions).
 """
 from __future__ import annotations
 
@@ -8,54 +9,72 @@ import time
 
 import torch
 
+from parallel.collectives import mean_over
+from parallel.context_parallel import context_parallel_loss, split_for_context_parallel
+from parallel.expert_parallel import expert_load_stats
+
 
 def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def expert_load(model) -> float | None:
-    """max / mean tokens per expert over all MoE layers since the last bias update (1.0 = perfect)."""
-    ratios = []
-    for moe in model.moe_layers():
-        counts = moe.tokens_per_expert
-        if counts.sum() > 0:
-            ratios.append(float(counts.max() / counts.mean()))
+def update_router_biases(model, topology) -> float | None:
+    """Balance experts with the counts of the whole global batch (the same update on every rank);
+    returns the worst max/mean tokens-per-expert ratio over MoE layers (1.0 = perfect balance)."""
+    stats = expert_load_stats(model, topology.dp_cp_group)
+    for moe, s in zip(model.moe_layers(), stats):
+        moe.update_expert_bias(torch.as_tensor(s["tokens_per_expert"], dtype=moe.tokens_per_expert.dtype,
+                                               device=moe.tokens_per_expert.device))
+    ratios = [s["max_over_mean"] for s in stats if s["mean"] > 0]
     return max(ratios) if ratios else None
 
 
-def train_loop(*, model, engine, data, train_cfg, logger, device, autocast_dtype=None, start_step: int = 0,
-               tokens_seen: int = 0) -> dict:
+def _micro_step(model, engine, batch, topology, autocast_dtype, device):
+    if topology.cp > 1:
+        batch = split_for_context_parallel(batch, topology.cp_rank, topology.cp)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
+    loss = out.loss
+    if topology.cp > 1:
+        # The CP shares add up to the row loss; the engine sums gradients over CP and averages over DP.
+        loss = context_parallel_loss(out, batch["labels"], topology.cp_group)
+    engine.backward(loss)
+    return out.lm_loss.detach()
+
+
+def train_loop(*, model, engine, data, train_cfg, logger, device, topology, autocast_dtype=None,
+               flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0) -> dict:
     grad_accum = engine.grad_accum
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
     max_steps = train_cfg.max_steps
     if train_cfg.max_tokens:
         max_steps = min(max_steps, -(-train_cfg.max_tokens // tokens_per_step))
     model.train()
-    losses, window_tokens, window_start = [], 0, time.perf_counter()
+    losses, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
     history = []
     for step in range(start_step + 1, max_steps + 1):
         step_loss = torch.zeros((), device=device)
         for _ in range(grad_accum):
+            t0 = time.perf_counter()
             batch = _move(data.next_batch(train_cfg.micro_batch_size), device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
-            engine.backward(out.loss)
-            step_loss += out.lm_loss.detach() / grad_accum
-        load = expert_load(model)
+            data_wait += time.perf_counter() - t0
+            step_loss += _micro_step(model, engine, batch, topology, autocast_dtype, device) / grad_accum
+        load = update_router_biases(model, topology)
         grad_norm = engine.step()
-        model.update_expert_bias()
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
-        loss = float(step_loss)
-        if not torch.isfinite(step_loss):
+        loss = float(mean_over(step_loss, topology.dp_cp_group))
+        if loss != loss or loss in (float("inf"), float("-inf")):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before the weights are ruined")
         losses.append(loss)
         if step % train_cfg.log_interval == 0 or step == max_steps:
             now = time.perf_counter()
+            tps = window_tokens / (now - window_start)
             record = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen,
-                      "tokens_per_s": window_tokens / (now - window_start), "lr": engine.lr,
-                      "grad_norm": grad_norm, "expert_load_max_over_mean": load}
+                      "tokens_per_s": tps, "devices": topology.world, "lr": engine.lr, "grad_norm": grad_norm,
+                      "expert_load_max_over_mean": load, "data_wait_frac": data_wait / (now - window_start),
+                      "mfu": tps * flops_per_token / (peak_flops * topology.world) if peak_flops else None}
             logger.log(record)
             history.append(record)
-            losses, window_tokens, window_start = [], 0, now
+            losses, window_tokens, window_start, data_wait = [], 0, now, 0.0
     return {"steps": max_steps, "tokens": tokens_seen, "history": history}

@@ -1,4 +1,8 @@
-"""Training metrics: a live progress line on the terminal and one JSON object per logged step in metrics.jsonl."""
+"""Training metrics: one JSON object per logged step in metrics.jsonl (rank 0) and a live progress line.
+
+In a multi-worker job the driver prints the line by following metrics.jsonl; in a local run the logger
+prints it directly. Both use `ProgressPrinter`, so the line looks the same.
+"""
 from __future__ import annotations
 
 import json
@@ -14,30 +18,48 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class MetricsLogger:
-    def __init__(self, run_dir: Path, *, max_steps: int, stream=None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+class ProgressPrinter:
+    """Formats a metrics record as one line: step, loss, tokens/s (and per device), MFU, expert load, ETA."""
+
+    def __init__(self, *, max_steps: int, stream=None):
         self.max_steps = max_steps
         self.stream = stream or sys.stdout
+
+    def __call__(self, r: dict) -> None:
+        parts = [f"step {r['step']:>6}/{self.max_steps}", f"loss {r['loss']:.4f}", f"lr {r.get('lr', 0):.2e}",
+                 f"{r['tokens_per_s']:,.0f} tok/s"]
+        if r.get("devices", 1) > 1:
+            parts.append(f"{r['tokens_per_s'] / r['devices']:,.0f} tok/s/device")
+        if r.get("mfu") is not None:
+            parts.append(f"MFU {r['mfu']:.1%}")
+        parts.append(f"tokens {r['tokens']:,}")
+        if r.get("expert_load_max_over_mean") is not None:
+            parts.append(f"expert load max/mean {r['expert_load_max_over_mean']:.2f}")
+        parts += [f"elapsed {_fmt_duration(r.get('elapsed_s', 0))}", f"eta {_fmt_duration(r.get('eta_s', 0))}"]
+        self.stream.write(" | ".join(parts) + "\n")
+        self.stream.flush()
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.max_steps = max_steps
+        self.printer = printer
         self.start = time.perf_counter()
-        self._file = self.path.open("a", buffering=1)
+        self._file = self.path.open("a", buffering=1) if enabled else None
 
     def log(self, record: dict) -> None:
         """record must hold step, loss, tokens, tokens_per_s; elapsed and eta are added here."""
+        if self._file is None:
+            return
         elapsed = time.perf_counter() - self.start
         step = record["step"]
         eta = elapsed / max(step, 1) * (self.max_steps - step)
         record = {**record, "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
-        extra = ""
-        if record.get("expert_load_max_over_mean") is not None:
-            extra = f" | expert load max/mean {record['expert_load_max_over_mean']:.2f}"
-        self.stream.write(
-            f"step {step:>6}/{self.max_steps} | loss {record['loss']:.4f} | lr {record.get('lr', 0):.2e}"
-            f" | {record['tokens_per_s']:,.0f} tok/s | tokens {record['tokens']:,}{extra}"
-            f" | elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}\n"
-        )
-        self.stream.flush()
+        if self.printer is not None:
+            self.printer(record)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

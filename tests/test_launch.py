@@ -1,0 +1,25 @@
+"""`liquid pretrain` on a Ray Train worker group: 2 CPU workers, DP=2 with EP=2, the embedded corpus."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_two_workers_on_ray_with_expert_parallelism(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pretrain.cli", "pretrain", "tiny", f"run.dir={run_dir}",
+            "parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2", "cluster.launcher=ray",
+            "train.max_steps=4", "train.log_interval=2", "train.seq_len=64", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512",
+            "model.vocab_size=512"]
+    env = {**os.environ, "LIQUID_CACHE": str(tmp_path / "cache"), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # The driver prints one progress line per logged step, with throughput per device.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and "tok/s/device" in lines[-1], proc.stdout[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]  # written once, by rank 0
+    assert all(r["devices"] == 2 for r in records)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["tokens"] == 4 * 4 * 64
