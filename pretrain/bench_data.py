@@ -84,7 +84,7 @@ def _time_tiny_training(steps: int) -> float:
     from pretrain.config import load_config
     from pretrain.model.model import build_model
 
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", ["parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1"])
     t = cfg.train
     model = build_model(cfg.model)
     engine = build_engine(model, cfg.optim, cfg.parallel, max_steps=steps + 1, grad_accum=1)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 LIQUID = [sys.executable, "-m", "pretrain.cli"]
+SINGLE = ("parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1")  # one process, no Ray
 
 
 def run_cli(*args, cwd=None, env=None):
@@ -19,7 +20,7 @@ def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
     run_dir = tmp_path / "run"
     args = ("pretrain", "tiny", f"run.dir={run_dir}", "train.max_steps=6", "train.log_interval=2",
             "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
-            "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512", "model.vocab_size=512")
+            "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512", "model.vocab_size=512", *SINGLE)
     proc = run_cli(*args, env={"LIQUID_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert "training a byte-level BPE tokenizer" in proc.stdout
@@ -32,7 +33,7 @@ def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
     assert records[-1]["tokens"] == 6 * 4 * 64
     assert (run_dir / "config.yaml").exists() and "max_steps: 6" in (run_dir / "config.yaml").read_text()
     # The second run finds the prepared shards in the cache.
-    again = run_cli(*args[:-1], "model.vocab_size=512", f"run.dir={tmp_path / 'run2'}",
+    again = run_cli(*args, f"run.dir={tmp_path / 'run2'}",
                     env={"LIQUID_CACHE": str(tmp_path / "cache")})
     assert again.returncode == 0, again.stderr
     assert "training a byte-level BPE tokenizer" not in again.stdout
@@ -42,7 +43,7 @@ def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
 
 
 def test_vocab_too_small_for_the_tokenizer_is_a_clear_error(tmp_path):
-    proc = run_cli("pretrain", "tiny", f"run.dir={tmp_path / 'run'}", "train.max_steps=1", "data.corpus_max_mb=0.5",
+    proc = run_cli("pretrain", "tiny", *SINGLE, f"run.dir={tmp_path / 'run'}", "train.max_steps=1", "data.corpus_max_mb=0.5",
                    "data.tokenizer_vocab_size=512", "model.vocab_size=256",
                    env={"LIQUID_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2

@@ -61,7 +61,7 @@ def test_wrong_type_names_the_key():
     (["model.moe.top_k=9"], "model.moe.top_k"),
     (["model.attention_layers=[7]"], "model.attention_layers"),
     (["model.mixer=mamba"], "model.mixer"),
-    (["parallel.dp=2"], "cluster.num_workers"),
+    (["parallel.dp=4", "train.micro_batch_size=4"], "cluster.num_workers"),
 ])
 def test_semantic_errors_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
