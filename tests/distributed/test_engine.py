@@ -268,3 +268,18 @@ def test_refused_zero_stages(stage, match):
 def test_topology_must_match_the_config():
     with pytest.raises(ValueError, match="topology has 1 ranks"):
         build_engine(build_model(MODEL), OPTIM, ParallelConfig(dp=2), Topology.single(), max_steps=3, grad_accum=1)
+
+
+# DP=2 x EP=2 on 4 ranks (megatron layout: dense data parallel over all 4, experts in 2 EP groups of 2
+# with 2 expert-data-parallel replicas each).
+FOUR_RANK_CASES = [(4, 1, 2, 1, 1)] if HAS_EP else []
+
+
+@pytest.mark.skipif(not HAS_EP, reason="parallel.expert_parallel is missing")
+def test_four_ranks_dp_with_ep2_equal_single_process(reference):
+    ranks = run_distributed(_distributed_cases, 4, FOUR_RANK_CASES, None)
+    _check_equal([r[FOUR_RANK_CASES[0]] for r in ranks], reference, dp=4, ep=2)
+    for step, ref in enumerate(reference):
+        for r in ranks:
+            for c, c_ref in zip(r[FOUR_RANK_CASES[0]][step]["counts"], ref["counts"], strict=True):
+                assert (c == c_ref).all(), (step, c, c_ref)
