@@ -35,10 +35,13 @@ import torch
 PRESET = "tiny"
 QUICK_OVERRIDES = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
                    "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512", "model.vocab_size=512"]
-# Substrings of profiler event names that denote collectives (aten ops excluded: aten::broadcast_tensors).
-COMM_PREFIXES = ("gloo:", "c10d::", "nccl:")
-COMM_WORDS = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "reducescatter",
-              "all_to_all", "alltoall", "broadcast", "barrier")
+# Profiler events that are collectives: the c10d ops on the training thread (enqueue; the blocking wait
+# is not an op) and the backends' own events on their worker threads (the exchange itself). Wrappers
+# around them (e.g. the expert all_to_all's autograd function, which also allocates and copies) are not
+# counted; --debug lists such look-alikes separately.
+COMM_PREFIXES = ("c10d::", "gloo:", "nccl:")
+_COMM_WORDS = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "reducescatter",
+               "all_to_all", "alltoall", "broadcast", "barrier")
 STEP_EVENT, DATA_EVENT = "liquid_bench::step", "liquid_bench::data"
 
 
@@ -47,11 +50,12 @@ def _log(msg: str) -> None:
 
 
 def is_comm_event(name: str) -> bool:
+    return name.lower().startswith(COMM_PREFIXES)
+
+
+def _looks_like_comm(name: str) -> bool:
     low = name.lower()
-    if low.startswith(COMM_PREFIXES):
-        return True
-    return not low.startswith("aten::") and not low.startswith(("liquid_bench", "autograd::")) and \
-        any(w in low for w in COMM_WORDS)
+    return not is_comm_event(name) and not low.startswith("aten::") and any(w in low for w in _COMM_WORDS)
 
 
 # ---- interval arithmetic (microseconds) ---------------------------------------------------------------
@@ -112,9 +116,12 @@ def _debug_events(rank: int, events) -> None:
         s[1] += (b - a) / 1e3
         s[2].add(thread)
     comm = sorted(((n, s) for n, s in stats.items() if is_comm_event(n)), key=lambda kv: -kv[1][1])
+    alike = sorted(((n, s) for n, s in stats.items() if _looks_like_comm(n)), key=lambda kv: -kv[1][1])
     top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:25]
-    lines = [f"rank {rank}: {len(events)} profiler events; collective events (count, total ms, threads):"]
+    lines = [f"rank {rank}: {len(events)} profiler events; counted as collectives (count, total ms, threads):"]
     lines += [f"    {n:<40} {s[0]:>6} {s[1]:>10.2f}  {sorted(s[2])}" for n, s in comm]
+    lines.append(f"rank {rank}: collective-like names not counted (wrappers; count, total ms, threads):")
+    lines += [f"    {n:<40} {s[0]:>6} {s[1]:>10.2f}  {sorted(s[2])}" for n, s in alike]
     lines.append(f"rank {rank}: top events by total time (inclusive, ms):")
     lines += [f"    {'*' if is_comm_event(n) else ' '} {n:<60} {s[0]:>6} {s[1]:>10.2f}" for n, s in top]
     _log("\n".join(lines))
