@@ -242,7 +242,7 @@ def _prepare_output(output: str, overwrite: bool) -> None:
     """Refuse a finished dataset unless overwrite; clear what an earlier run of ours left locally."""
     exists = _remote_exists(output, INDEX_FILE) if _is_remote(output) else (Path(output) / INDEX_FILE).exists()
     if exists and not overwrite:
-        raise ValueError(f"{output} already holds a dataset ({INDEX_FILE}); choose another output or pass overwrite")
+        raise ValueError(f"{output} already holds a dataset ({INDEX_FILE}); choose another output or pass --overwrite (overwrite=True)")
     if not _is_remote(output):
         shutil.rmtree(Path(output) / PARTS_DIR, ignore_errors=True)
         for name in (INDEX_FILE, fmt.META_FILE, fmt.SUMMARY_FILE):

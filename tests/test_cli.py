@@ -64,3 +64,22 @@ def test_plan_json():
     assert 8.2e9 < plan["params_total"] < 8.45e9 and 1.45e9 < plan["params_active"] < 1.6e9
     text = run_cli("plan", "liquid-8b-a1b").stdout
     assert "active" in text and "days" in text
+
+
+def test_data_commands_tokenizer_train_and_prepare(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    docs = [f"document {i}: " + "the liquid layer keeps a state of fixed size. " * (i + 3) for i in range(40)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = run_cli("data", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
+                  "--out", str(tmp_path / "tok"))
+    assert tok.returncode == 0, tok.stderr
+    assert "model.vocab_size=384" in tok.stdout and (tmp_path / "tok" / "tokenizer.json").exists()
+    out = tmp_path / "shards"
+    prep = run_cli("data", "prepare", "--input", str(corpus), "--output", str(out), "--tokenizer",
+                   str(tmp_path / "tok"), "--no-ray", "--block-tokens", "257")
+    assert prep.returncode == 0, prep.stderr
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["documents"] == 40 and (out / "index.json").exists()
+    again = run_cli("data", "prepare", "--input", str(corpus), "--output", str(out), "--tokenizer",
+                    str(tmp_path / "tok"), "--no-ray")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
