@@ -30,6 +30,8 @@ def test_pretrain_smoke_through_the_real_entry_point(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 6]
     for r in records:
         assert {"step", "loss", "tokens", "tokens_per_s"} <= set(r)
+        assert len(r["expert_load_per_layer"]) == 3  # the tiny preset's MoE layers
+        assert r["expert_load_max_over_mean"] == max(r["expert_load_per_layer"])
     assert records[-1]["tokens"] == 6 * 4 * 64
     assert (run_dir / "config.yaml").exists() and "max_steps: 6" in (run_dir / "config.yaml").read_text()
     # The second run finds the prepared shards in the cache.

@@ -18,15 +18,14 @@ def _move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def update_router_biases(model, topology) -> float | None:
+def update_router_biases(model, topology) -> list[float]:
     """Balance experts with the counts of the whole global batch (the same update on every rank);
-    returns the worst max/mean tokens-per-expert ratio over MoE layers (1.0 = perfect balance)."""
+    returns each MoE layer's max/mean tokens-per-expert ratio this step (1.0 = perfect balance)."""
     stats = expert_load_stats(model, topology.dp_cp_group)
     for moe, s in zip(model.moe_layers(), stats):
         moe.update_expert_bias(torch.as_tensor(s["tokens_per_expert"], dtype=moe.tokens_per_expert.dtype,
                                                device=moe.tokens_per_expert.device))
-    ratios = [s["max_over_mean"] for s in stats if s["mean"] > 0]
-    return max(ratios) if ratios else None
+    return [round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0]
 
 
 def _micro_step(model, engine, batch, topology, autocast_dtype, device):
@@ -59,7 +58,7 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
             batch = _move(data.next_batch(train_cfg.micro_batch_size), device)
             data_wait += time.perf_counter() - t0
             step_loss += _micro_step(model, engine, batch, topology, autocast_dtype, device) / grad_accum
-        load = update_router_biases(model, topology)
+        load_per_layer = update_router_biases(model, topology)
         grad_norm = engine.step()
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
@@ -72,7 +71,8 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
             tps = window_tokens / (now - window_start)
             record = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen,
                       "tokens_per_s": tps, "devices": topology.world, "lr": engine.lr, "grad_norm": grad_norm,
-                      "expert_load_max_over_mean": load, "data_wait_frac": data_wait / (now - window_start),
+                      "expert_load_max_over_mean": max(load_per_layer, default=None),
+                      "expert_load_per_layer": load_per_layer, "data_wait_frac": data_wait / (now - window_start),
                       "mfu": tps * flops_per_token / (peak_flops * topology.world) if peak_flops else None}
             logger.log(record)
             history.append(record)
