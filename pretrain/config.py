@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -189,6 +190,11 @@ def _friendly(err: OmegaConfBaseException, source: str, user_key: str = "") -> V
     if user_key.startswith(key):  # OmegaConf names the first unknown component; the user typed more
         key = user_key
     msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and user_key and not key.startswith(user_key):
+        # A key inside a list item (data.streams=[{...}]): OmegaConf knows the item's fields.
+        inner = re.search(r"Did you mean: '([^']+)'", str(err))
+        hint = f"; did you mean '{inner.group(1)}'?" if inner else ""
+        return ValueError(f"unknown config key '{key}' inside '{user_key}' (from {source}){hint}")
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         close = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.5)
         if not close:  # match on the last component, e.g. `train.max_step` -> `train.max_steps`

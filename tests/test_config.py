@@ -80,5 +80,7 @@ def test_data_streams_with_proportions():
     assert [(s.path, s.proportion) for s in cfg.data.streams] == [("s3://b/web", 0.7), ("/data/code", 0.3)]
     with pytest.raises(ValueError, match="every stream a proportion, or none"):
         load_config("tiny", ["data.streams=[{path: a, proportion: 0.7}, {path: b}]"])
+    with pytest.raises(ValueError, match=r"unknown config key 'pth' inside 'data.streams'.*did you mean 'path'"):
+        load_config("tiny", ["data.streams=[{pth: a}]"])
     with pytest.raises(ValueError, match="data.path or data.streams, not both"):
         load_config("tiny", ["data.path=x", "data.streams=[{path: a}]"])
