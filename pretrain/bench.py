@@ -320,7 +320,7 @@ def bench_scan(
                     "case": case,
                     "seq": seq,
                     "tokens_per_s": round(batch * seq / seconds, 1),
-                    "seconds": round(seconds, 6),
+                    "seconds": round(seconds, 9),
                     "peak_mem_mib": round(peak_bytes / 2**20, 1),
                     "runs": [round(r, 6) for r in got["runs"]],
                     "wall_s": round(got["wall_s"], 3),
