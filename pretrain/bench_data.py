@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -101,6 +100,7 @@ def _time_tiny_training(steps: int) -> float:
 def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workdir: Path, train_steps: int) -> dict:
     from data_pipeline.prepare import prepare
     from data_pipeline.tokenizer import train_tokenizer
+    from pretrain.bench import _device_name
 
     corpus = _corpus(workdir, mb)
     _log(f"corpus {corpus.stat().st_size / 2**20:.1f} MiB; training a tokenizer")
@@ -120,7 +120,7 @@ def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workd
     train_tps = _time_tiny_training(train_steps) if train_steps else None
     return {
         "bench": "data",
-        "machine": platform.processor() or platform.machine(),
+        "machine": _device_name(torch.device("cpu")),
         "cpus": torch.get_num_threads(),
         "prepare": {"tokens": summary["tokens"], "seconds": summary["seconds"],
                     "tokens_per_s_per_process": summary["tokens"] / summary["seconds"],

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import socket
 import sys
@@ -303,14 +302,9 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
 
 
 def machine_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    from pretrain.bench import _device_name
+
+    return _device_name(torch.device("cpu"))
 
 
 def _mean(rows: list[dict], key: str) -> float:
