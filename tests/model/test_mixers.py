@@ -78,10 +78,7 @@ def test_packed_documents_equal_separate_runs_flagged(kind):
     assert_close(packed[1:], torch.cat([first, rest], dim=1))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["liquid", "conv", "attention"],
-)
+@pytest.mark.parametrize("kind", MIXERS)
 def test_packed_documents_equal_separate_runs(kind):
     """Packed row with doc_start == each document run alone with no doc_start, concatenated."""
     mixer = make_mixer(kind)
