@@ -53,6 +53,25 @@ class LocalEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    # ---- the layout-free state (parallel/state.py) --------------------------------------------------
+
+    def full_state_tensor(self, p, kind: str, *, group=None, dst: int = 0):
+        """The whole fp32 weight ("model") or Adam moment of `p`; None when the optimizer has none yet."""
+        if kind == "model":
+            return p.detach()
+        return self.optimizer.state.get(p, {}).get(kind)
+
+    def optimizer_step_of(self, p):
+        state = self.optimizer.state.get(p, {})
+        return float(state["step"]) if "step" in state else None
+
+    def set_full_state(self, p, values: dict) -> None:
+        p.copy_(values["model"].view(p.shape))
+        if values.get("exp_avg") is not None and values.get("step") is not None:
+            self.optimizer.state[p] = {"step": _adam_step(values["step"]),
+                                       "exp_avg": values["exp_avg"].view(p.shape).clone(),
+                                       "exp_avg_sq": values["exp_avg_sq"].view(p.shape).clone()}
+
 
 # ---------------------------------------------------------------------------------------------------
 # DeepSpeed glue. ZeRO-1/2 reduce a parameter marked `allreduce = False` + `group_name` over
@@ -255,6 +274,7 @@ class ZeroEngine:
                                          lr_scheduler=scheduler, config=config, mpu=_MPU(topology))
         self.model, self.scheduler, self.grad_accum = model, scheduler, grad_accum
         self._micro = 0
+        self._group_of = {id(p): i for i, group in enumerate(self.ds.optimizer.bit16_groups) for p in group}
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / grad_accum itself
@@ -298,6 +318,64 @@ class ZeroEngine:
         per_rank[dist.get_rank(group)] = state["optimizer"]
         self.ds.optimizer.load_state_dict(per_rank, load_from_fp32_weights=True)
         self.scheduler.load_state_dict(state["scheduler"])
+
+    # ---- the layout-free state (parallel/state.py) --------------------------------------------------
+    # ZeRO-1/2 keep, per optimizer group, a flat fp32 partition per rank (and Adam's state of the same
+    # shape). A parameter's `_hp_mapping` says which fragment of it lies in this rank's partition.
+
+    def _flat(self, p):
+        opt = self.ds.optimizer
+        index = self._group_of[id(p)]
+        return opt.single_partition_of_fp32_groups[index], opt.optimizer.state
+
+    def full_state_tensor(self, p, kind: str, *, group=None, dst: int = 0):
+        """Gather the fp32 master ("model") or an Adam moment of `p` onto rank `dst` (collective over
+        `group`, the ranks that partition p's group). Returns it on dst, None elsewhere or when no
+        optimizer state exists yet."""
+        flat, state = self._flat(p)
+        if kind == "model":
+            source = flat
+        else:
+            if not state:  # before the first step (the same on every rank)
+                return None
+            source = state[flat][kind]
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=flat.device)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            buf.narrow(0, lp.start, lp.numel).copy_(source.narrow(0, hp.start, hp.numel))
+        if group is None:
+            return buf.view(p.shape)
+        dist.reduce(buf, dst=dst, group=group)
+        return buf.view(p.shape) if dist.get_rank() == dst else None
+
+    def optimizer_step_of(self, p):
+        flat, state = self._flat(p)
+        return float(state[flat]["step"]) if flat in state else None
+
+    def set_full_state(self, p, values: dict) -> None:
+        """Put a whole tensor's values into this rank's fragments (no communication)."""
+        flat, state = self._flat(p)
+        p.copy_(values["model"].view(p.shape).to(p.dtype))
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        flat.narrow(0, hp.start, hp.numel).copy_(values["model"].flatten().narrow(0, lp.start, lp.numel))
+        if values.get("exp_avg") is None or values.get("step") is None:
+            return
+        if flat not in state:
+            state[flat] = {"step": _adam_step(values["step"]), "exp_avg": torch.zeros_like(flat),
+                           "exp_avg_sq": torch.zeros_like(flat)}
+        state[flat]["step"] = _adam_step(values["step"])
+        for kind in ("exp_avg", "exp_avg_sq"):
+            state[flat][kind].narrow(0, hp.start, hp.numel).copy_(
+                values[kind].flatten().narrow(0, lp.start, lp.numel))
+
+
+def _adam_step(value) -> torch.Tensor:
+    """Adam's step counter as torch keeps it (a float32 scalar tensor on the CPU)."""
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def _detached(obj):

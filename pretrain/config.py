@@ -139,10 +139,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = 0  # steps between saves; 0 = never
-    keep_last: int = 2
-    keep_every: int = 0
-    resume: str = "none"  # none | auto
+    interval: int = 0  # steps between saves; 0 = only the final one (save_final)
+    keep_last: int = 2  # keep the newest N checkpoints (0 = keep all) ...
+    keep_every: int = 0  # ... plus every M-th step (0 = none)
+    resume: str = "none"  # none | auto (newest good checkpoint, or a fresh start) | a checkpoint directory
+    async_save: bool = True  # copy to host memory, write in the background; one save in flight
+    save_final: bool = True  # also save after the last step
+    finalize_timeout_s: float = 600.0  # rank 0 waits this long for the other ranks' files
+    export: bool = True  # write Hugging Face weights to RUN_DIR/export at the end of the run
+    export_dtype: str = "bf16"  # bf16 | fp32
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ class ClusterConfig:
     launcher: str = "auto"  # auto (Ray when num_workers > 1 or an address is set) | ray | local
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    max_failures: int = 3
+    max_failures: int = 3  # Ray restarts the worker group this often, resuming from the newest checkpoint
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails the worker (a hung peer)
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,14 @@ def validate(cfg: Config) -> None:
     _require(world % p.ep == 0, "parallel.ep", f"must divide parallel.dp x parallel.cp = {world}, got {p.ep}")
     _require(cfg.cluster.num_workers == world, "cluster.num_workers",
              f"must equal parallel.dp x parallel.cp = {world} (one worker per rank), got {cfg.cluster.num_workers}")
-    _require(cfg.checkpoint.resume in ("none", "auto"), "checkpoint.resume", "must be none or auto")
+    _require(cfg.checkpoint.resume in ("none", "auto") or "/" in cfg.checkpoint.resume
+             or cfg.checkpoint.resume.startswith("step_"), "checkpoint.resume",
+             "must be none, auto or a checkpoint directory")
+    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _require(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
+    _require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    _require(cfg.checkpoint.export_dtype in ("bf16", "fp32"), "checkpoint.export_dtype", "must be bf16 or fp32")
+    _require(cfg.cluster.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be > 0")
     _require(cfg.cluster.launcher in ("auto", "ray", "local"), "cluster.launcher", "must be auto, ray or local")
     _require(cfg.cluster.launcher != "local" or world == 1, "cluster.launcher",
              f"local runs one process; {world} ranks need cluster.launcher=ray (or auto)")

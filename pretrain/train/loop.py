@@ -42,14 +42,17 @@ def _micro_step(model, engine, batch, topology, autocast_dtype, device):
 
 
 def train_loop(*, model, engine, data, train_cfg, logger, device, topology, autocast_dtype=None,
-               flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0) -> dict:
+               flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0,
+               checkpoint=None) -> dict:
+    """Train from `start_step` (0, or the step a checkpoint restored) to the last step; `checkpoint`
+    (a CheckpointManager) saves when due, and its training stall is logged with the step."""
     grad_accum = engine.grad_accum
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
     max_steps = train_cfg.max_steps
     if train_cfg.max_tokens:
         max_steps = min(max_steps, -(-train_cfg.max_tokens // tokens_per_step))
     model.train()
-    losses, window_tokens, window_start, data_wait = [], 0, time.perf_counter(), 0.0
+    losses, window_tokens, window_start, data_wait, stall = [], 0, time.perf_counter(), 0.0, None
     history = []
     for step in range(start_step + 1, max_steps + 1):
         step_loss = torch.zeros((), device=device)
@@ -66,6 +69,8 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before the weights are ruined")
         losses.append(loss)
+        if checkpoint is not None and checkpoint.due(step, max_steps):
+            stall = (stall or 0.0) + checkpoint.save(step, tokens_seen, engine, data)
         if step % train_cfg.log_interval == 0 or step == max_steps:
             now = time.perf_counter()
             tps = window_tokens / (now - window_start)
@@ -73,8 +78,9 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
                       "tokens_per_s": tps, "devices": topology.world, "lr": engine.lr, "grad_norm": grad_norm,
                       "expert_load_max_over_mean": max(load_per_layer, default=None),
                       "expert_load_per_layer": load_per_layer, "data_wait_frac": data_wait / (now - window_start),
-                      "mfu": tps * flops_per_token / (peak_flops * topology.world) if peak_flops else None}
+                      "mfu": tps * flops_per_token / (peak_flops * topology.world) if peak_flops else None,
+                      "checkpoint_stall_s": round(stall, 4) if stall is not None else None}
             logger.log(record)
             history.append(record)
-            losses, window_tokens, window_start, data_wait = [], 0, now, 0.0
+            losses, window_tokens, window_start, data_wait, stall = [], 0, now, 0.0, None
     return {"steps": max_steps, "tokens": tokens_seen, "history": history}

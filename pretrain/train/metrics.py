@@ -41,12 +41,30 @@ class ProgressPrinter:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True):
+    def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True, start_step: int = 0):
+        """A fresh run starts an empty metrics.jsonl; a resumed one keeps the records up to `start_step`
+        (those after it were logged by an attempt whose later steps are trained again)."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.max_steps = max_steps
+        self.max_steps, self.start_step = max_steps, start_step
         self.printer = printer
         self.start = time.perf_counter()
-        self._file = self.path.open("a", buffering=1) if enabled else None
+        self._file = None
+        if enabled:
+            self._keep_until(start_step)
+            self._file = self.path.open("a", buffering=1)
+
+    def _keep_until(self, step: int) -> None:
+        kept = []
+        if step > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):  # a line cut by a crash
+                    continue
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)  # a new file: a reader following the old one notices
 
     def log(self, record: dict) -> None:
         """record must hold step, loss, tokens, tokens_per_s; elapsed and eta are added here."""
@@ -54,7 +72,7 @@ class MetricsLogger:
             return
         elapsed = time.perf_counter() - self.start
         step = record["step"]
-        eta = elapsed / max(step, 1) * (self.max_steps - step)
+        eta = elapsed / max(step - self.start_step, 1) * (self.max_steps - step)
         record = {**record, "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         if self.printer is not None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from checkpoints.manager import CheckpointManager, resume_target, write_worker_status
 from data_pipeline.dataset import build_dataset, stream_specs
 from parallel.collectives import barrier
 from parallel.engine import build_engine
@@ -47,38 +49,80 @@ def build_topology_for(cfg):
     return build_topology(cfg.parallel, seq_len=cfg.train.seq_len, num_experts=cfg.model.moe.num_experts)
 
 
-def prepare_data_once(data_cfg) -> None:
-    """One process per node prepares (or finds) the cached shards before every rank opens them."""
+def prepare_data_once(data_cfg, run_dir: Path, rank: int) -> None:
+    """One process per node prepares (or finds) the cached shards before every rank opens them; rank 0
+    copies the run's tokenizer into the run directory (export and eval read it there)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        stream_specs(data_cfg)
+        _, tokenizer = stream_specs(data_cfg)
+        tokenizer = tokenizer or data_cfg.tokenizer
+        if rank == 0 and tokenizer:
+            (run_dir / "tokenizer").mkdir(exist_ok=True)
+            shutil.copyfile(tokenizer, run_dir / "tokenizer" / "tokenizer.json")
     barrier()
 
 
-def train_main(cfg, *, progress: bool = True) -> dict:
+def _resume_point(cfg, run_dir: Path, topology, launch_id: str | None):
+    """Rank 0 picks the checkpoint to start from (verifying checksums) and tells every rank."""
+    choice = [None]
+    if topology.rank == 0:
+        target = resume_target(run_dir, cfg.checkpoint.resume, launch_id=launch_id)
+        choice = [str(target) if target else None]
+    if dist.is_initialized() and topology.world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def train_main(cfg, *, progress: bool = True, launch_id: str | None = None) -> dict:
+    """Train on this rank. `launch_id` names one `liquid pretrain` launch: when Ray restarts the worker
+    group after a failure, the restarted workers resume from that launch's newest checkpoint."""
     t = cfg.train
     topology = build_topology_for(cfg)
+    run_dir = prepare_run_dir(cfg, topology.rank)
+    write_worker_status(run_dir, topology, "starting", launch_id=launch_id)
+    try:
+        summary = _train(cfg, topology, run_dir, progress=progress, launch_id=launch_id)
+    except BaseException as err:
+        write_worker_status(run_dir, topology, "failed", launch_id=launch_id, error=f"{type(err).__name__}: {err}")
+        raise
+    write_worker_status(run_dir, topology, "finished", launch_id=launch_id, step=summary["steps"])
+    return summary
+
+
+def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | None) -> dict:
+    t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     if t.threads:
         torch.set_num_threads(t.threads)
     device, autocast_dtype = resolve_device(t)
-    run_dir = prepare_run_dir(cfg, topology.rank)
     grad_accum = t.global_batch_size // (t.micro_batch_size * topology.dp)
-    prepare_data_once(cfg.data)
+    prepare_data_once(cfg.data, run_dir, topology.rank)
     data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
                          rank=topology.dp_rank, world=topology.dp)
     model = parallelize(build_model(cfg.model, device=device), topology)
     engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=t.max_steps, grad_accum=grad_accum,
                           micro_batch_size=t.micro_batch_size)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, topology=topology, cfg=cfg, launch_id=launch_id)
+    start_step, tokens, resumed_from = 0, 0, None
+    target = _resume_point(cfg, run_dir, topology, launch_id)
+    if target is not None:
+        start_step, tokens = checkpoints.load(target, engine, data)
+        resumed_from = target.name
+    write_worker_status(run_dir, topology, "running", launch_id=launch_id, start_step=start_step)
     printer = ProgressPrinter(max_steps=t.max_steps) if progress else None
-    logger = MetricsLogger(run_dir, max_steps=t.max_steps, printer=printer, enabled=topology.rank == 0)
+    logger = MetricsLogger(run_dir, max_steps=t.max_steps, printer=printer, enabled=topology.rank == 0,
+                           start_step=start_step)
     peak = peak_flops(torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     try:
         result = train_loop(model=model, engine=engine, data=data, train_cfg=t, logger=logger, device=device,
                             topology=topology, autocast_dtype=autocast_dtype,
-                            flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak)
+                            flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak,
+                            start_step=start_step, tokens_seen=tokens, checkpoint=checkpoints)
     finally:
+        checkpoints.close()
         logger.close()
         data.close()
+    result.update(resumed_from=resumed_from, start_step=start_step, checkpoints=checkpoints.saved,
+                  checkpoint_failures=checkpoints.failures)
     return _write_summary(cfg, run_dir, result, topology)
 
 
@@ -87,7 +131,10 @@ def _write_summary(cfg, run_dir: Path, result: dict, topology) -> dict:
     summary = {"run_dir": str(run_dir), "config_hash": config_hash(cfg), "steps": result["steps"],
                "tokens": result["tokens"], "world": topology.world,
                "first_loss": history[0]["loss"] if history else None,
-               "last_loss": history[-1]["loss"] if history else None}
+               "last_loss": history[-1]["loss"] if history else None,
+               "start_step": result["start_step"], "resumed_from": result["resumed_from"],
+               "checkpoints": [f"step_{s:08d}" for s in result["checkpoints"]],
+               "checkpoint_failures": result["checkpoint_failures"]}
     if topology.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
