@@ -28,5 +28,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/liquid bench scan
 
-clean:
+# Export checks against transformers 5 (its own environment): make check-export-hf5
+include Makefile.export
+
+clean: clean-hf5
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,8 +11,11 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
+from checkpoints.manager import resume_target
+from checkpoints.manifest import read_manifest
 from pretrain.config import config_from_yaml, to_yaml
 
 
@@ -22,37 +25,50 @@ def use_ray(cfg) -> bool:
 
 
 def _ray_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker; the process group is already initialised by TorchTrainer."""
+    """Runs on every Ray Train worker; the process group is already initialised by TorchTrainer.
+    After a worker failure Ray runs it again on a new worker group, which resumes from the newest
+    checkpoint of this launch."""
     from pretrain.train.worker import train_main
 
-    train_main(config_from_yaml(loop_config["config_yaml"]), progress=False)
+    train_main(config_from_yaml(loop_config["config_yaml"]), progress=False, launch_id=loop_config["launch_id"])
 
 
 class _MetricsFollower(threading.Thread):
-    """Prints each new line of rank 0's metrics.jsonl as a progress line, while the workers run."""
+    """Prints each new record of rank 0's metrics.jsonl as a progress line, while the workers run.
 
-    def __init__(self, path: Path, printer):
+    A restarted worker group rewrites the file (keeping the records up to its checkpoint): the follower
+    notices the new file and goes on from the last step it printed."""
+
+    def __init__(self, path: Path, printer, *, after_step: int = 0):
         super().__init__(daemon=True)
         self.path, self.printer = path, printer
         self.stop = threading.Event()
+        self.last_step, self._inode, self._offset = after_step, None, 0
 
     def run(self):
-        offset = 0
         while not self.stop.is_set():
-            offset = self._drain(offset)
+            self._drain()
             self.stop.wait(0.5)
-        self._drain(offset)
+        self._drain()
 
-    def _drain(self, offset: int) -> int:
-        if not self.path.exists():
-            return offset
-        with self.path.open() as fh:
-            fh.seek(offset)
+    def _drain(self) -> None:
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            if inode != self._inode:
+                self._inode, self._offset = inode, 0
+            fh.seek(self._offset)
             for line in fh:
-                if line.endswith("\n"):
-                    self.printer(json.loads(line))
-                    offset += len(line)
-        return offset
+                if not line.endswith(b"\n"):
+                    break
+                self._offset += len(line)
+                record = json.loads(line)
+                if record["step"] > self.last_step:
+                    self.last_step = record["step"]
+                    self.printer(record)
 
 
 def launch_ray(cfg, printer) -> dict:
@@ -61,19 +77,23 @@ def launch_ray(cfg, printer) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
+    # A hung worker fails the job's attempt within collective_timeout_s two ways: its peers' collectives
+    # time out (the process group's timeout), and Ray Train's controller stops waiting for its status.
+    hang = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(c.collective_timeout_s)}
+    os.environ.update(hang)  # read by the train controller of a local cluster started here
     if not ray.is_initialized():
         ray.init(address=c.address, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **hang}})
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    follower = _MetricsFollower(metrics, printer)
+    start = resume_target(run_dir, cfg.checkpoint.resume)  # fail fast, before any worker starts
+    follower = _MetricsFollower(run_dir / "metrics.jsonl", printer, after_step=_step_of(start))
     follower.start()
+    launch_id = uuid.uuid4().hex
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config_yaml": to_yaml(_absolute_run_dir(cfg, run_dir))},
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        train_loop_config={"config_yaml": to_yaml(_absolute_run_dir(cfg, run_dir)), "launch_id": launch_id},
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo", timeout_s=int(c.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.run.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
@@ -85,6 +105,10 @@ def launch_ray(cfg, printer) -> dict:
         follower.stop.set()
         follower.join()
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _step_of(ckpt: Path | None) -> int:
+    return read_manifest(ckpt)["step"] if ckpt is not None else 0
 
 
 def _absolute_run_dir(cfg, run_dir: Path):
@@ -102,4 +126,4 @@ def launch(cfg, printer=None) -> dict:
     printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, stream=sys.stdout)
     if use_ray(cfg):
         return launch_ray(cfg, printer)
-    return train_main(cfg, progress=True)
+    return train_main(cfg, progress=True, launch_id=uuid.uuid4().hex)

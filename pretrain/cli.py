@@ -1,4 +1,4 @@
-"""The `liquid` command line: pretrain, plan, bench.
+"""The `liquid` command line: pretrain, plan, data, bench, export, eval.
 
 Each subcommand takes a preset name or YAML path followed by `key=value` overrides.
 """
@@ -14,9 +14,37 @@ def _cmd_pretrain(args) -> int:
     from pretrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    summary = launch(cfg)
-    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, loss {summary['first_loss']:.4f} -> "
-          f"{summary['last_loss']:.4f}; run directory {summary['run_dir']}")
+    print(_done_line(launch(cfg)))
+    return 0
+
+
+def _done_line(summary: dict) -> str:
+    loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary.get("last_loss") is not None
+            else "no steps left to train")
+    parts = [f"done: step {summary['steps']}, {summary['tokens']:,} tokens, {loss}"]
+    if summary.get("resumed_from"):
+        parts.append(f"resumed from {summary['resumed_from']}")
+    if summary.get("checkpoints"):
+        parts.append(f"last checkpoint {summary['checkpoints'][-1]}")
+    if summary.get("export"):
+        parts.append(f"export {summary['export']}")
+    return "; ".join(parts + [f"run directory {summary['run_dir']}"])
+
+
+def _cmd_resume(args) -> int:
+    from pathlib import Path
+
+    from checkpoints.manager import find_checkpoint
+    from cluster.launch import launch
+    from pretrain.config import load_config
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    find_checkpoint(run_dir)  # fails clearly when nothing can be resumed
+    cfg = load_config(str(run_dir / "config.yaml"),
+                      [*args.overrides, "checkpoint.resume=auto", f"run.dir={run_dir}"])
+    print(_done_line(launch(cfg)))
     return 0
 
 
@@ -98,6 +126,48 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from checkpoints.export import export_run, summary_line
+
+    summary = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, fmt=args.format,
+                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(summary_line(summary))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from checkpoints.evaluate import evaluate, result_line
+
+    res = evaluate(args.source, args.input, step=args.step, seq_len=args.seq_len, batch_size=args.batch_size,
+                   device=args.device, text_field=args.text_field)
+    print(result_line(res))
+    return 0
+
+
+def _add_export_parsers(sub) -> None:
+    p = sub.add_parser("export", help="a run's checkpoint -> Hugging Face safetensors, config and tokenizer")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint at this step (default: the newest)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
+    p.add_argument("--format", default="auto",
+                   help="auto (default: lfm2_moe when the model fits it, else liquid_moe), lfm2_moe or liquid_moe")
+    p.add_argument("--max-shard-size", default="5GB",  # checkpoints.export.DEFAULT_MAX_SHARD_SIZE
+                   help="largest safetensors file, e.g. 5GB or 500MB (default 5GB, decimal as in transformers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a run's checkpoint or an export on held-out text")
+    p.add_argument("source", metavar="RUN_DIR_OR_EXPORT_DIR")
+    p.add_argument("--input", nargs="+", required=True, help="files (.txt .jsonl[.gz|.zst] .parquet), dirs or globs")
+    p.add_argument("--step", type=int, default=None, help="for a run directory: the checkpoint at this step")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _split_config(argv_rest: list[str]) -> tuple[str | None, list[str]]:
     """The first positional that is not key=value is the config; the rest are overrides."""
     if argv_rest and "=" not in argv_rest[0]:
@@ -112,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train (defaults: tiny preset, embedded corpus)")
     p.add_argument("args", nargs="*", metavar="[CONFIG] key=value", help="preset name or YAML, then overrides")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="changes, e.g. train.max_steps=2000, or parallel.dp=1 cluster.num_workers=1 to reshard")
+    p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("plan", help="size a run: parameters, FLOPs/token, memory per rank, tokens/s, days")
     p.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
@@ -128,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=["scan", "data", "step"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see liquid bench scan --help)")
     p.set_defaults(func=_cmd_bench)
+
+    _add_export_parsers(sub)
     return parser
 
 

@@ -122,8 +122,25 @@ def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | Non
         logger.close()
         data.close()
     result.update(resumed_from=resumed_from, start_step=start_step, checkpoints=checkpoints.saved,
-                  checkpoint_failures=checkpoints.failures)
+                  checkpoint_failures=checkpoints.failures, export=None)
+    if topology.rank == 0 and cfg.checkpoint.export and checkpoints.saved:
+        result["export"] = _export(run_dir, cfg)
     return _write_summary(cfg, run_dir, result, topology)
+
+
+def _export(run_dir: Path, cfg) -> str | None:
+    """The final checkpoint as Hugging Face weights in RUN_DIR/export (a failure is reported, not fatal:
+    the checkpoint is safe and `liquid export` can be run again)."""
+    from checkpoints.export import export_run, summary_line
+
+    try:
+        summary = export_run(run_dir, run_dir / "export", dtype=cfg.checkpoint.export_dtype, overwrite=True)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong
+        print(f"export: FAILED ({type(err).__name__}: {err}); run `liquid export {run_dir} --out DIR` after "
+              "fixing it", flush=True)
+        return None
+    print(summary_line(summary), flush=True)
+    return str(run_dir / "export")
 
 
 def _write_summary(cfg, run_dir: Path, result: dict, topology) -> dict:
@@ -134,7 +151,7 @@ def _write_summary(cfg, run_dir: Path, result: dict, topology) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "start_step": result["start_step"], "resumed_from": result["resumed_from"],
                "checkpoints": [f"step_{s:08d}" for s in result["checkpoints"]],
-               "checkpoint_failures": result["checkpoint_failures"]}
+               "checkpoint_failures": result["checkpoint_failures"], "export": result["export"]}
     if topology.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,209 @@
+"""Checkpoints of real training runs (single process here; two ranks in tests/distributed/test_reshard.py):
+the run directory, the manifest, exact resume, retention, torn / corrupt / failed / killed saves."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpoints.manager import find_checkpoint, list_checkpoints, read_model_state, resume_target
+from checkpoints.manifest import CorruptCheckpoint, sha256_file, verify
+
+SMALL = ["parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1", "train.log_interval=1", "train.seq_len=64",
+         "train.global_batch_size=4", "train.micro_batch_size=2", "data.corpus_max_mb=0.5",
+         "data.tokenizer_vocab_size=512", "model.vocab_size=512", "checkpoint.export=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def corpus_cache(tmp_path_factory):
+    """One prepared copy of the embedded corpus for the module (and for its subprocesses)."""
+    old = os.environ.get("LIQUID_CACHE")
+    os.environ["LIQUID_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("LIQUID_CACHE")
+    else:
+        os.environ["LIQUID_CACHE"] = old
+
+
+def train(run_dir: Path, *overrides: str) -> dict:
+    from pretrain.config import load_config
+    from pretrain.train.worker import train_main
+
+    return train_main(load_config("tiny", [*SMALL, f"run.dir={run_dir}", *overrides]), progress=False)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def run6(tmp_path_factory) -> Path:
+    """6 uninterrupted steps, a checkpoint every 3."""
+    run_dir = tmp_path_factory.mktemp("run6")
+    train(run_dir, "train.max_steps=6", "checkpoint.interval=3")
+    return run_dir
+
+
+def test_run_directory_manifest_and_latest(run6):
+    ckpts = run6 / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000006"
+    for step in (3, 6):
+        d = ckpts / f"step_{step:08d}"
+        manifest = verify(d)
+        assert manifest["step"] == step and manifest["tokens"] == step * 4 * 64
+        assert manifest["topology"] == {"world": 1, "dp": 1, "ep": 1, "cp": 1, "zero_stage": 0}
+        assert manifest["versions"]["torch"] and manifest["config_hash"]
+        # Every file but the manifest is listed with its checksum; nothing that needs unpickling is stored.
+        assert set(manifest["files"]) == {p.name for p in d.iterdir()} - {"manifest.json"}
+        assert all(sha256_file(d / name) == info["sha256"] for name, info in manifest["files"].items())
+        assert {p.suffix for p in d.iterdir()} == {".json", ".safetensors"}
+    worker = json.loads((run6 / "workers" / "rank0.json").read_text())
+    assert worker["status"] == "finished" and worker["pid"] > 0 and worker["host"]
+    summary = json.loads((run6 / "summary.json").read_text())
+    assert summary["checkpoints"] == ["step_00000003", "step_00000006"] and summary["checkpoint_failures"] == []
+
+
+def test_model_state_of_a_checkpoint_is_the_single_process_state_dict(run6):
+    from pretrain.config import load_config
+    from pretrain.model.model import build_model
+
+    state = read_model_state(run6 / "checkpoints" / "step_00000006")
+    expected = build_model(load_config("tiny", SMALL).model).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+
+def test_resume_is_bitwise_identical_to_the_uninterrupted_run(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, "train.max_steps=3", "checkpoint.interval=3")
+    summary = train(run_dir, "train.max_steps=6", "checkpoint.interval=3", "checkpoint.resume=auto")
+    assert summary["resumed_from"] == "step_00000003" and summary["start_step"] == 3
+    assert losses(run_dir) == losses(run6)  # steps 1-3 kept from the first attempt, 4-6 trained after resume
+    # The final weights too.
+    a, b = (read_model_state(d / "checkpoints" / "step_00000006") for d in (run_dir, run6))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(run6):
+    with pytest.raises(ValueError, match="already has checkpoints.*checkpoint.resume=auto"):
+        resume_target(run6, "none")
+
+
+def test_retention_keeps_the_last_n_and_every_mth(tmp_path):
+    train(tmp_path, "train.max_steps=9", "checkpoint.interval=1", "checkpoint.keep_last=2",
+          "checkpoint.keep_every=4", "checkpoint.async_save=false")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 8, 4]
+
+
+def test_corrupt_and_torn_checkpoints_are_reported_and_skipped(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run6, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000006" / "rank00000.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    messages = []
+    assert find_checkpoint(run_dir, log=messages.append).name == "step_00000003"
+    assert messages == ["checkpoint: skipping step_00000006/rank00000.safetensors: sha256 does not match the manifest"]
+    # A torn one (the manifest never written) is skipped too; with nothing left, the error names both.
+    (run_dir / "checkpoints" / "step_00000003" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="no complete checkpoint.*step_00000006/rank00000.safetensors: sha256.*"
+                                         "step_00000003: no manifest.json"):
+        find_checkpoint(run_dir, log=lambda _: None)
+    with pytest.raises(CorruptCheckpoint):
+        verify(run_dir / "checkpoints" / "step_00000003")
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run6, run_dir)
+    (run_dir / "checkpoints" / "step_00000006" / "rank00000.json").write_text("{}")
+    summary = train(run_dir, "train.max_steps=6", "checkpoint.interval=3", "checkpoint.resume=auto")
+    assert summary["resumed_from"] == "step_00000003"
+    assert losses(run_dir) == losses(run6)
+
+
+def test_a_changed_model_is_refused_with_the_tensors_that_differ(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run6, run_dir)
+    with pytest.raises(ValueError, match=r"cannot load step_00000006 into this model \(model settings changed: "
+                                         r"d_model\).*embed.weight has shape \[512, 128\], the model needs \[512, 96\]"):
+        train(run_dir, "train.max_steps=8", "checkpoint.resume=auto", "model.d_model=96")
+
+
+SAVE_UNDER_A_FILE_SIZE_LIMIT = textwrap.dedent("""
+    import json, resource, signal, sys
+    from pretrain.config import load_config
+    from pretrain.train.worker import train_main
+    import checkpoints.manager as manager
+
+    # After the first save, files may not grow past 1 MiB: the next save fails with EFBIG, as on a full disk.
+    original = manager.CheckpointManager._finalize
+    def finalize_then_limit(self, *args):
+        out = original(self, *args)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return out
+    manager.CheckpointManager._finalize = finalize_then_limit
+    summary = train_main(load_config("tiny", sys.argv[1:]), progress=False)
+    print(json.dumps(summary))
+""")
+
+
+def test_a_failed_save_leaves_the_earlier_checkpoint_usable_and_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SAVE_UNDER_A_FILE_SIZE_LIMIT, *SMALL, f"run.dir={run_dir}",
+                           "train.max_steps=4", "checkpoint.interval=2", "checkpoint.async_save=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["checkpoints"] == ["step_00000002"] and len(summary["checkpoint_failures"]) == 1
+    failure = summary["checkpoint_failures"][0]
+    assert "saving step_00000004 FAILED" in failure and "File too large" in failure
+    assert "the newest usable checkpoint is step_00000002" in failure and failure in proc.stderr
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()] == ["step_00000002"]
+    assert find_checkpoint(run_dir).name == "step_00000002"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_a_process_killed_mid_save_leaves_earlier_checkpoints_and_resumes(run6, tmp_path):
+    """SIGKILL the training process while a checkpoint is being written; the next run cleans the torn
+    directory up, resumes from the newest complete checkpoint and trains the same losses."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-c", "from pretrain.cli import main; main()", "pretrain", "tiny", *SMALL,
+            f"run.dir={run_dir}", "train.max_steps=200", "checkpoint.interval=1", "checkpoint.keep_last=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            torn = [p for p in ckpts.glob("step_*.tmp") if int(p.name[5:13]) >= 3] if ckpts.exists() else []
+            if torn and list(torn[0].glob("*.safetensors*")):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(ckpts.glob("step_*.tmp")), "killed after the save had finished"
+    newest = find_checkpoint(run_dir)
+    step = int(newest.name[5:])
+    assert step >= 2
+    messages = []
+    from checkpoints.manager import CheckpointManager
+    from parallel.topology import Topology
+    from pretrain.config import load_config
+
+    CheckpointManager(run_dir, load_config("tiny", SMALL).checkpoint, topology=Topology.single(),
+                      cfg=load_config("tiny", SMALL), log=messages.append)
+    assert any("removing step_" in m and ".tmp" in m for m in messages) and not list(ckpts.glob("step_*.tmp"))
+    summary = train(run_dir, "train.max_steps=6", "checkpoint.interval=3", "checkpoint.resume=auto")
+    assert summary["resumed_from"] == newest.name
