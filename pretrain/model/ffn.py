@@ -60,7 +60,8 @@ class Router(nn.Module):
         scores = logits.sigmoid()
         idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # [tokens, k]
         chosen = scores.gather(-1, idx)
-        weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) * self.routed_scaling
+        # The +1e-6 is LFM2-MoE's (transformers' Lfm2MoeTopKRouter), so `lfm2_moe` exports compute the same weights.
+        weights = chosen / (chosen.sum(-1, keepdim=True) + 1e-6) * self.routed_scaling
         return idx, weights, logits, scores
 
 
