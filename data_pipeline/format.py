@@ -23,6 +23,7 @@ from pathlib import Path
 FORMAT_VERSION = 1
 BLOCK_TOKENS = 2**16 + 1
 META_FILE = "liquid_data.json"
+TOKENIZER_FILE = "tokenizer.json"  # a copy of the tokenizer the shards were made with
 SUMMARY_FILE = "prepare_summary.json"
 
 

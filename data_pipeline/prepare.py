@@ -249,8 +249,9 @@ def _prepare_output(output: str, overwrite: bool) -> None:
             (Path(output) / name).unlink(missing_ok=True)
 
 
-def _publish(output: str, index: dict, meta: dict, summary: dict) -> None:
-    """Metadata and summary first, index.json last: a dataset with an index is complete."""
+def _publish(output: str, index: dict, meta: dict, summary: dict, tokenizer: Path) -> None:
+    """Metadata, summary and the tokenizer first, index.json last: a dataset with an index is complete.
+    The tokenizer travels with the shards, so a run on them can export and evaluate with it."""
     from streaming.base.storage.upload import CloudUploader
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,9 +260,10 @@ def _publish(output: str, index: dict, meta: dict, summary: dict) -> None:
         stage.mkdir(parents=True, exist_ok=True)
         fmt.write_meta(stage, meta)
         (stage / fmt.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        shutil.copyfile(tokenizer, stage / fmt.TOKENIZER_FILE)
         (stage / f".{INDEX_FILE}.tmp").write_text(json.dumps(index, sort_keys=True))
         os.replace(stage / f".{INDEX_FILE}.tmp", stage / INDEX_FILE)
-        for name in (fmt.META_FILE, fmt.SUMMARY_FILE, INDEX_FILE) if uploader else ():
+        for name in (fmt.META_FILE, fmt.SUMMARY_FILE, fmt.TOKENIZER_FILE, INDEX_FILE) if uploader else ():
             uploader.upload_file(name)
 
 
@@ -319,7 +321,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
             "pad_id": tok.pad_id if tok.pad_id is not None else tok.eos_id, "tokenizer_sha256": tok.sha256,
             "documents": summary["documents"], "tokens": summary["tokens"], "blocks": summary["blocks"],
             "num_inputs": len(results), "text_field": text_field, "compression": compression, "hashes": hashes}
-    _publish(output, index, meta, summary)
+    _publish(output, index, meta, summary, tok.path)
     bar.close(f"done in {summary['seconds']:.1f}s: {summary['blocks']:,} blocks, {summary['shards']:,} shards, "
               f"{summary['bytes_written'] / 1e6:.1f} MB -> {output}")
     return summary

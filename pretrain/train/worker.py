@@ -53,12 +53,23 @@ def prepare_data_once(data_cfg, run_dir: Path, rank: int) -> None:
     """One process per node prepares (or finds) the cached shards before every rank opens them; rank 0
     copies the run's tokenizer into the run directory (export and eval read it there)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        _, tokenizer = stream_specs(data_cfg)
-        tokenizer = tokenizer or data_cfg.tokenizer
+        specs, tokenizer = stream_specs(data_cfg)
+        tokenizer = tokenizer or data_cfg.tokenizer or _dataset_tokenizer(specs)
         if rank == 0 and tokenizer:
             (run_dir / "tokenizer").mkdir(exist_ok=True)
             shutil.copyfile(tokenizer, run_dir / "tokenizer" / "tokenizer.json")
     barrier()
+
+
+def _dataset_tokenizer(specs) -> str | None:
+    """The tokenizer `liquid data prepare` stored beside local shards (remote datasets: set data.tokenizer)."""
+    from data_pipeline.format import TOKENIZER_FILE
+
+    for spec in specs:
+        path = Path(spec.path) / TOKENIZER_FILE
+        if not spec.is_remote and path.exists():
+            return str(path)
+    return None
 
 
 def _resume_point(cfg, run_dir: Path, topology, launch_id: str | None):
