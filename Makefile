@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
+# Without ARGS, a second `make pretrain` continues runs/tiny from its newest checkpoint (rm -rf runs/tiny
+# to start over); with ARGS, a run directory that has checkpoints needs checkpoint.resume=auto.
 pretrain: $(STAMP)
-	$(VENV)/bin/liquid pretrain $(ARGS)
+	$(VENV)/bin/liquid pretrain $(if $(ARGS),$(ARGS),checkpoint.resume=auto)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

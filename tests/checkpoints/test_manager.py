@@ -207,3 +207,28 @@ def test_a_process_killed_mid_save_leaves_earlier_checkpoints_and_resumes(run6, 
     assert any("removing step_" in m and ".tmp" in m for m in messages) and not list(ckpts.glob("step_*.tmp"))
     summary = train(run_dir, "train.max_steps=6", "checkpoint.interval=3", "checkpoint.resume=auto")
     assert summary["resumed_from"] == newest.name
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_liquid_resume_continues_a_run_and_exports(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run6, run_dir)
+    proc = _cli("resume", str(run_dir), "train.max_steps=8", "checkpoint.export=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step_00000006" in proc.stdout and "last checkpoint step_00000008" in proc.stdout
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+    # The end of the run exported the final checkpoint as a Hugging Face directory.
+    config = json.loads((run_dir / "export" / "config.json").read_text())
+    assert config["model_type"] == "liquid_moe" and (run_dir / "export" / "tokenizer.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["export"] == str(run_dir / "export")
+
+
+def test_liquid_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.yaml").write_text("run: {name: x}\n")
+    proc = _cli("resume", str(tmp_path))
+    assert proc.returncode == 2 and "no complete checkpoint in" in proc.stderr
+    proc = _cli("resume", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "is not a run directory (no config.yaml)" in proc.stderr
