@@ -184,6 +184,7 @@ class CheckpointManager:
         self.root = checkpoint_root(run_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._thread: threading.Thread | None = None
+        self._buffers: dict = {}  # host copies of the last save, reused by the next
         self._error: BaseException | None = None
         self.failures: list[str] = []
         self.saved: list[int] = []
@@ -211,7 +212,7 @@ class CheckpointManager:
         if self.topology.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an attempt that died
         barrier()
-        pieces = collect(engine, self.topology)
+        pieces = collect(engine, self.topology, self._buffers)  # the previous save is written: reuse its memory
         rng_tensors, rng_plain = _rng_state()
         rank_state = {"rank": self.topology.rank, "dp_rank": self.topology.dp_rank,
                       "cp_rank": self.topology.cp_rank, "ep_rank": self.topology.ep_rank,

@@ -49,9 +49,17 @@ def _expert_ids(engine) -> set[int]:
     return {id(p) for p in expert_parameters(engine.model)}
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """A private CPU copy (the training step goes on changing the original)."""
-    return t.detach().to("cpu", copy=True).contiguous()
+def _host(t: torch.Tensor, buffers: dict | None = None, key: str = "") -> torch.Tensor:
+    """A private CPU copy (the training step goes on changing the original). With `buffers`, the copy goes
+    into the buffer this key had at the previous save when it fits: copying into memory already touched is
+    several times faster than into fresh pages, and the copy is the whole training stall of an async save."""
+    t = t.detach()
+    buf = buffers.get(key) if buffers is not None else None
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        if buffers is not None:
+            buffers[key] = buf
+    return buf.copy_(t)
 
 
 class _Layout:
@@ -75,8 +83,9 @@ class _Layout:
             self.entries.append((canonical_name(name), p, shape, rows, group, owner))
 
 
-def collect(engine, topology) -> list[Piece]:
-    """This rank's share of the training state (collective over every rank; host copies)."""
+def collect(engine, topology, buffers: dict | None = None) -> list[Piece]:
+    """This rank's share of the training state (collective over every rank; host copies, reusing
+    `buffers` from an earlier save that is no longer being written)."""
     layout = _Layout(engine, topology)
     pieces = []
     for name, p, shape, rows, group, owner in layout.entries:
@@ -84,7 +93,9 @@ def collect(engine, topology) -> list[Piece]:
         for kind in ("model",) + MOMENTS:
             full = engine.full_state_tensor(p, kind, group=group, dst=owner)
             if mine and full is not None:
-                pieces.append(Piece(kind, name, _host(full), rows, shape))
+                piece = Piece(kind, name, None, rows, shape)
+                piece.tensor = _host(full, buffers, piece.key)
+                pieces.append(piece)
         step = engine.optimizer_step_of(p)
         if mine and step is not None:
             pieces.append(Piece("step", name, torch.tensor(float(step), dtype=torch.float64), None, ()))
@@ -92,7 +103,8 @@ def collect(engine, topology) -> list[Piece]:
     if topology.rank == 0:
         for name, t in engine.model.state_dict(keep_vars=True).items():
             if id(t) not in params:  # persistent buffers (router expert bias): replicated, written by rank 0
-                pieces.append(Piece("model", canonical_name(name), _host(t), None, tuple(t.shape)))
+                pieces.append(Piece("model", canonical_name(name), _host(t, buffers, f"buffer/{name}"), None,
+                                    tuple(t.shape)))
     return pieces
 
 

@@ -119,6 +119,10 @@ def _cmd_bench(args) -> int:
         from pretrain.bench_step import main_step
 
         main_step(args.rest)
+    elif args.which == "checkpoint":
+        from pretrain.bench_checkpoint import main_checkpoint
+
+        main_checkpoint(args.rest)
     else:
         from pretrain.bench import main_scan
 
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("which", choices=["scan", "data", "step"])
+    p.add_argument("which", choices=["scan", "data", "step", "checkpoint"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see liquid bench scan --help)")
     p.set_defaults(func=_cmd_bench)
 

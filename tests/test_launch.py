@@ -23,3 +23,10 @@ def test_two_workers_on_ray_with_expert_parallelism(tmp_path):
     assert all(r["devices"] == 2 for r in records)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world"] == 2 and summary["tokens"] == 4 * 4 * 64
+    # Both ranks wrote their share of the final checkpoint; rank 0 exported it.
+    assert summary["checkpoints"] == ["step_00000004"] and summary["export"] == str(run_dir / "export")
+    files = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000004").iterdir())
+    assert files == ["manifest.json", "rank00000.json", "rank00000.safetensors", "rank00001.json",
+                     "rank00001.safetensors"]
+    workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [w["status"] for w in workers] == ["finished", "finished"] and workers[0]["pid"] != workers[1]["pid"]

@@ -44,11 +44,11 @@ RESUME = (2, 1, 1, 2, 1)
 IDS = [f"dp{d}-cp{c}-ep{e}-zero{s}-accum{a}" for d, c, e, s, a in CASES]
 
 
-def _batches():
-    """STEPS global batches of ROWS x SEQ tokens, with document boundaries inside some rows."""
-    g = torch.Generator().manual_seed(1234)
+def _batches(steps: int = STEPS, seed: int = 1234):
+    """`steps` global batches of ROWS x SEQ tokens, with document boundaries inside some rows."""
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids = torch.randint(0, MODEL.vocab_size, (ROWS, SEQ + 1), generator=g)
         doc_start = torch.zeros(ROWS, SEQ, dtype=torch.bool)
         doc_start[:, 0] = True

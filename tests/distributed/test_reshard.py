@@ -17,19 +17,13 @@ from pretrain.config import CheckpointConfig, ParallelConfig, load_config
 from pretrain.model.model import build_model
 from tests.distributed.harness import run_distributed
 from tests.distributed.test_engine import MAX_STEPS, MODEL, OPTIM, ROWS, SEQ, _close
+from tests.distributed.test_engine import _batches as _engine_batches
 
 SAVE_AT, STEPS = 2, 4
 
 
 def _batches():
-    g = torch.Generator().manual_seed(4321)
-    out = []
-    for _ in range(STEPS):
-        ids = torch.randint(0, MODEL.vocab_size, (ROWS, SEQ + 1), generator=g)
-        doc_start = torch.zeros(ROWS, SEQ, dtype=torch.bool)
-        doc_start[:, 0] = doc_start[1, 9] = True
-        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_start": doc_start})
-    return out
+    return _engine_batches(STEPS, seed=4321)
 
 
 def _config(dp: int, ep: int, zero: int):
