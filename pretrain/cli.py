@@ -210,7 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     _add_export_parsers(sub)
+    _add_optional_parsers(sub)
     return parser
+
+
+def _add_optional_parsers(sub) -> None:
+    """Subcommands defined beside their code: cluster jobs (submit, status, logs, stop, jobs) and monitor."""
+    import importlib
+    import importlib.util
+
+    for module, function in (("cluster.jobs", "add_job_parsers"), ("cluster.monitor", "add_monitor_parser")):
+        if importlib.util.find_spec(module) is not None:
+            getattr(importlib.import_module(module), function)(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
