@@ -473,3 +473,19 @@ def write_worker_status(run_dir, topology, status: str, **extra) -> None:
     except Exception:  # not on Ray: pid and host say enough
         pass
     write_json_atomic(path, record)
+
+
+STOP_REQUEST = "STOP"
+
+
+def request_stop(run_dir, reason: str) -> None:
+    """Ask a running job to save a checkpoint and exit at its next step (the driver does this on SIGTERM)."""
+    write_json_atomic(Path(run_dir) / STOP_REQUEST, {"reason": reason, "time": time.time(), "pid": os.getpid()})
+
+
+def stop_requested(run_dir) -> bool:
+    return (Path(run_dir) / STOP_REQUEST).exists()
+
+
+def clear_stop_request(run_dir) -> None:
+    (Path(run_dir) / STOP_REQUEST).unlink(missing_ok=True)

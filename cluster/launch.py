@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from checkpoints.manager import resume_target
+from checkpoints.manager import request_stop, resume_target
 from checkpoints.manifest import read_manifest
 from pretrain.config import config_from_yaml, to_yaml
 
@@ -94,8 +95,13 @@ def launch_ray(cfg, printer) -> dict:
         _ray_worker,
         train_loop_config={"config_yaml": to_yaml(_absolute_run_dir(cfg, run_dir)), "launch_id": launch_id},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo", timeout_s=int(c.collective_timeout_s)),
+        # One bundle per worker in a placement group; PACK fills a node before the next, and Ray Train gives
+        # the workers of a node consecutive ranks, so expert-parallel groups (consecutive ranks) stay
+        # inside a node when each node holds a multiple of parallel.ep workers. Rank 0's node hosts the
+        # process-group rendezvous (MASTER_ADDR).
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                     resources_per_worker={"CPU": c.cpus_per_worker}),
+                                     resources_per_worker={"CPU": c.cpus_per_worker},
+                                     placement_strategy=c.placement_strategy),
         run_config=RunConfig(name=f"{cfg.run.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )
@@ -118,12 +124,39 @@ def _absolute_run_dir(cfg, run_dir: Path):
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
 
 
+class _StopOnSignal:
+    """SIGTERM (a `ray job stop`, a scheduler's preemption notice) or a first Ctrl-C asks the workers to save
+    a checkpoint and exit at their next step; a second Ctrl-C interrupts at once."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.previous, self.requested = run_dir, {}, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        request_stop(self.run_dir, signal.Signals(signum).name)
+        print(f"{signal.Signals(signum).name}: stopping at the next step after a checkpoint "
+              "(Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def launch(cfg, printer=None) -> dict:
     """Train with `cfg`; returns the run summary written by rank 0."""
     from pretrain.train.metrics import ProgressPrinter
     from pretrain.train.worker import train_main
 
     printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, stream=sys.stdout)
-    if use_ray(cfg):
-        return launch_ray(cfg, printer)
-    return train_main(cfg, progress=True, launch_id=uuid.uuid4().hex)
+    with _StopOnSignal(Path(cfg.run.dir)):
+        if use_ray(cfg):
+            return launch_ray(cfg, printer)
+        return train_main(cfg, progress=True, launch_id=uuid.uuid4().hex)

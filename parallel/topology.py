@@ -125,3 +125,10 @@ def destroy_topology() -> None:
     """Forget megatron's groups so that build_topology can run again (the torch world stays)."""
     if dist.is_initialized():
         _parallel_state().destroy_model_parallel()
+
+
+def expert_groups_across_nodes(node_of_rank: list[str], ep: int) -> list[list[int]]:
+    """The expert-parallel groups (consecutive ranks [k * ep, (k + 1) * ep), as build_topology lays them
+    out) whose ranks sit on more than one node."""
+    groups = [list(range(start, start + ep)) for start in range(0, len(node_of_rank), ep)]
+    return [g for g in groups if len({node_of_rank[r] for r in g}) > 1]

@@ -21,7 +21,8 @@ def _cmd_pretrain(args) -> int:
 def _done_line(summary: dict) -> str:
     loss = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary.get("last_loss") is not None
             else "no steps left to train")
-    parts = [f"done: step {summary['steps']}, {summary['tokens']:,} tokens, {loss}"]
+    parts = [f"{'stopped' if summary.get('stopped') else 'done'}: step {summary['steps']}, "
+             f"{summary['tokens']:,} tokens, {loss}"]
     if summary.get("resumed_from"):
         parts.append(f"resumed from {summary['resumed_from']}")
     if summary.get("checkpoints"):

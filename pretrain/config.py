@@ -159,6 +159,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     max_failures: int = 3  # Ray restarts the worker group this often, resuming from the newest checkpoint
     collective_timeout_s: float = 600.0  # a collective that waits longer fails the worker (a hung peer)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement group)
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
     _require(cfg.checkpoint.export_dtype in ("bf16", "fp32"), "checkpoint.export_dtype", "must be bf16 or fp32")
     _require(cfg.cluster.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be > 0")
+    _require(cfg.cluster.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+             "cluster.placement_strategy", "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     _require(cfg.cluster.launcher in ("auto", "ray", "local"), "cluster.launcher", "must be auto, ray or local")
     _require(cfg.cluster.launcher != "local" or world == 1, "cluster.launcher",
              f"local runs one process; {world} ranks need cluster.launcher=ray (or auto)")

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from parallel.collectives import mean_over
+from parallel.collectives import mean_and_any
 from parallel.context_parallel import context_parallel_loss, split_for_context_parallel
 from parallel.expert_parallel import expert_load_stats
 
@@ -43,9 +43,10 @@ def _micro_step(model, engine, batch, topology, autocast_dtype, device):
 
 def train_loop(*, model, engine, data, train_cfg, logger, device, topology, autocast_dtype=None,
                flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0,
-               checkpoint=None) -> dict:
+               checkpoint=None, stop=None) -> dict:
     """Train from `start_step` (0, or the step a checkpoint restored) to the last step; `checkpoint`
-    (a CheckpointManager) saves when due, and its training stall is logged with the step."""
+    (a CheckpointManager) saves when due, and its training stall is logged with the step. `stop()` (rank 0)
+    says a stop was requested: every rank then saves a checkpoint at this step and returns."""
     grad_accum = engine.grad_accum
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
     max_steps = train_cfg.max_steps
@@ -65,13 +66,15 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
         grad_norm = engine.step()
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
-        loss = float(mean_over(step_loss, topology.dp_cp_group))
+        stop_here = stop is not None and stop()  # rank 0 reads the request; every rank learns it below
+        mean_loss, stop_here = mean_and_any(step_loss, stop_here, topology.dp_cp_group)
+        loss = float(mean_loss)
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise FloatingPointError(f"loss is {loss} at step {step}; stopping before the weights are ruined")
         losses.append(loss)
-        if checkpoint is not None and checkpoint.due(step, max_steps):
+        if checkpoint is not None and (checkpoint.due(step, max_steps) or stop_here):
             stall = (stall or 0.0) + checkpoint.save(step, tokens_seen, engine, data)
-        if step % train_cfg.log_interval == 0 or step == max_steps:
+        if step % train_cfg.log_interval == 0 or step == max_steps or stop_here:
             now = time.perf_counter()
             tps = window_tokens / (now - window_start)
             record = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen,
@@ -83,4 +86,6 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
             logger.log(record)
             history.append(record)
             losses, window_tokens, window_start, data_wait, stall = [], 0, now, 0.0, None
-    return {"steps": max_steps, "tokens": tokens_seen, "history": history}
+        if stop_here:
+            return {"steps": step, "tokens": tokens_seen, "history": history, "stopped": True}
+    return {"steps": max_steps, "tokens": tokens_seen, "history": history, "stopped": False}

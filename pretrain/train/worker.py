@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints.manager import CheckpointManager, resume_target, write_worker_status
+from checkpoints.manager import (CheckpointManager, clear_stop_request, resume_target, stop_requested,
+                                 write_worker_status)
 from data_pipeline.dataset import build_dataset, stream_specs
 from parallel.collectives import barrier
 from parallel.engine import build_engine
 from parallel.parallelize import parallelize
-from parallel.topology import build_topology, single_process_topology
+from parallel.topology import build_topology, expert_groups_across_nodes, single_process_topology
 from pretrain.config import config_hash, to_yaml
 from pretrain.model.model import build_model
 from pretrain.train.flops import flops_per_token, peak_flops
@@ -59,6 +60,30 @@ def prepare_data_once(data_cfg, run_dir: Path, rank: int) -> None:
             (run_dir / "tokenizer").mkdir(exist_ok=True)
             shutil.copyfile(tokenizer, run_dir / "tokenizer" / "tokenizer.json")
     barrier()
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    except Exception:  # not on Ray
+        return None
+
+
+def _warn_if_expert_groups_span_nodes(topology) -> None:
+    """Expert-parallel all_to_alls belong inside a node: say so when the placement put a group across nodes."""
+    if topology.ep <= 1 or not dist.is_initialized():
+        return
+    import socket
+
+    nodes = [None] * topology.world
+    dist.all_gather_object(nodes, _node_ip() or socket.gethostname())
+    split = expert_groups_across_nodes(nodes, topology.ep)
+    if split and topology.rank == 0:
+        print(f"warning: expert-parallel groups span nodes (ranks {split}); their all_to_all crosses the "
+              f"network. Give each node a multiple of parallel.ep={topology.ep} workers "
+              "(cluster.placement_strategy=PACK packs them)", flush=True)
 
 
 def _dataset_tokenizer(specs) -> str | None:
@@ -118,7 +143,12 @@ def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | Non
     if target is not None:
         start_step, tokens = checkpoints.load(target, engine, data)
         resumed_from = target.name
-    write_worker_status(run_dir, topology, "running", launch_id=launch_id, start_step=start_step)
+    if topology.rank == 0:
+        clear_stop_request(run_dir)  # a request left by an earlier, finished stop
+    barrier()
+    write_worker_status(run_dir, topology, "running", launch_id=launch_id, start_step=start_step,
+                        node_ip=_node_ip())
+    _warn_if_expert_groups_span_nodes(topology)
     printer = ProgressPrinter(max_steps=t.max_steps) if progress else None
     logger = MetricsLogger(run_dir, max_steps=t.max_steps, printer=printer, enabled=topology.rank == 0,
                            start_step=start_step)
@@ -127,14 +157,19 @@ def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | Non
         result = train_loop(model=model, engine=engine, data=data, train_cfg=t, logger=logger, device=device,
                             topology=topology, autocast_dtype=autocast_dtype,
                             flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak,
-                            start_step=start_step, tokens_seen=tokens, checkpoint=checkpoints)
+                            start_step=start_step, tokens_seen=tokens, checkpoint=checkpoints,
+                            stop=(lambda: stop_requested(run_dir)) if topology.rank == 0 else None)
     finally:
         checkpoints.close()
         logger.close()
         data.close()
     result.update(resumed_from=resumed_from, start_step=start_step, checkpoints=checkpoints.saved,
                   checkpoint_failures=checkpoints.failures, export=None)
-    if topology.rank == 0 and cfg.checkpoint.export and checkpoints.saved:
+    if result["stopped"] and topology.rank == 0:
+        clear_stop_request(run_dir)
+        print(f"stopped on request at step {result['steps']} (checkpoint saved); continue with "
+              f"`liquid resume {run_dir}`", flush=True)
+    if topology.rank == 0 and cfg.checkpoint.export and checkpoints.saved and not result["stopped"]:
         result["export"] = _export(run_dir, cfg)
     return _write_summary(cfg, run_dir, result, topology)
 
@@ -162,7 +197,8 @@ def _write_summary(cfg, run_dir: Path, result: dict, topology) -> dict:
                "last_loss": history[-1]["loss"] if history else None,
                "start_step": result["start_step"], "resumed_from": result["resumed_from"],
                "checkpoints": [f"step_{s:08d}" for s in result["checkpoints"]],
-               "checkpoint_failures": result["checkpoint_failures"], "export": result["export"]}
+               "checkpoint_failures": result["checkpoint_failures"], "export": result["export"],
+               "stopped": result["stopped"]}
     if topology.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

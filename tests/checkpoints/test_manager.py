@@ -232,3 +232,24 @@ def test_liquid_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "no complete checkpoint in" in proc.stderr
     proc = _cli("resume", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "is not a run directory (no config.yaml)" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_stops(tmp_path):
+    """What `ray job stop` or a scheduler's preemption does to the driver: the run checkpoints and exits 0."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pretrain.cli", "pretrain", "tiny", *SMALL, f"run.dir={run_dir}",
+            "train.max_steps=100000", "checkpoint.export=true"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    step = summary["steps"]
+    assert summary["stopped"] is True and 3 <= step < 100000 and summary["export"] is None
+    assert summary["checkpoints"][-1] == f"step_{step:08d}" and find_checkpoint(run_dir).name == f"step_{step:08d}"
+    assert max(losses(run_dir)) == step and "stopped: step" in out and "SIGTERM: stopping" in err
+    assert not (run_dir / "STOP").exists()  # a later resume must not stop at once

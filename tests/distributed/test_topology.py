@@ -99,3 +99,11 @@ def test_validation_names_the_key(cfg, world, kwargs, key):
 def test_build_topology_checks_the_world():
     with pytest.raises(ValueError, match="'parallel.dp'.*1 ranks"):
         build_topology(ParallelConfig(dp=2), seq_len=16, num_experts=4)  # no process group: a world of 1
+
+
+def test_expert_groups_across_nodes():
+    from parallel.topology import expert_groups_across_nodes
+
+    assert expert_groups_across_nodes(["a", "a", "b", "b"], 2) == []
+    assert expert_groups_across_nodes(["a", "a", "a", "b"], 2) == [[2, 3]]
+    assert expert_groups_across_nodes(["a", "b"], 1) == []
