@@ -1,7 +1,8 @@
 """The driver of `liquid pretrain`: run the per-rank entry point in this process, or as a Ray Train worker group.
 
-Ray starts a local cluster on demand (`ray.init()` with no address; the dashboard stays on 127.0.0.1)
-or joins `cluster.address`. One worker per rank; rank 0 writes metrics.jsonl, which the driver follows
+Ray starts a new local cluster on demand, listening on 127.0.0.1 only (cluster/safety.py), joins
+`cluster.address` (`auto`: the cluster `ray start` made on this machine), or, inside a Ray job, the job's
+cluster. One worker per rank; rank 0 writes metrics.jsonl, which the driver follows
 to print one progress line for the whole job.
 """
 from __future__ import annotations
@@ -83,7 +84,11 @@ def launch_ray(cfg, printer) -> dict:
     hang = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(c.collective_timeout_s)}
     os.environ.update(hang)  # read by the train controller of a local cluster started here
     if not ray.is_initialized():
-        ray.init(address=c.address, dashboard_host="127.0.0.1", log_to_driver=True,
+        from cluster.safety import ray_init_kwargs
+
+        # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
+        # whose every process listens on 127.0.0.1 only.
+        ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **hang}})
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,9 @@ def _run_ray(jobs: list[dict], ray_address: str | None, num_tasks: int | None, p
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+        from cluster.safety import ray_init_kwargs
+
+        ray.init(**{**ray_init_kwargs(ray_address), "include_dashboard": False}, logging_level=logging.WARNING)
     task = ray.remote(num_cpus=1)(prepare_file)
     queue, pending, results = list(jobs), {}, []
     try:
