@@ -160,7 +160,8 @@ def launch(cfg, printer=None) -> dict:
     from pretrain.train.metrics import ProgressPrinter
     from pretrain.train.worker import train_main
 
-    printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, stream=sys.stdout)
+    printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, max_tokens=cfg.train.max_tokens,
+                                         stream=sys.stdout)
     with _StopOnSignal(Path(cfg.run.dir)):
         if use_ray(cfg):
             return launch_ray(cfg, printer)

@@ -7,6 +7,12 @@ Convention (used for MFU everywhere in the project):
               + liquid scan: 3 * 2 * heads * (chunk * (N + P) + 2 * N * P) per liquid layer
                 (intra-chunk QK^T and AV over a full chunk, plus the state update and read-out; x3 for backward)
 MTP modules, when enabled, are training compute and are counted; export drops them.
+
+MFU (model FLOPs utilisation), as the training loop logs it for each log window:
+  MFU = tokens_per_s * flops_per_token(model, train.seq_len) / (devices * peak FLOP/s of one device)
+where tokens_per_s is the whole job's (all ranks) and devices = world size. The peak is dense bf16 (no
+sparsity), looked up by the CUDA device name in PEAK_FLOPS below; where it is unknown (CPU, other GPUs)
+MFU is not reported (null in metrics.jsonl, "n/a" on the progress line).
 """
 from __future__ import annotations
 
@@ -90,16 +96,20 @@ def flops_per_token(cfg, seq_len: int) -> int:
     return 6 * count_params(cfg).matmul_active + attention_flops_per_token(cfg, seq_len) + scan_flops_per_token(cfg)
 
 
-# Dense bf16 peak FLOP/s per device (no sparsity). None = unknown (CPU): MFU is not reported there.
+# Dense bf16 peak FLOP/s per device (no sparsity), matched as a substring of the device name
+# (torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3"), first match wins: the more specific names
+# come first. None = unknown (CPU): MFU is not reported there.
 PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
+    "H100 PCIe": 756e12,  # H100 PCIe
+    "H100": 989e12,  # H100 SXM
+    "H200": 989e12,  # H200 SXM: the H100 SXM's tensor cores, more and faster memory
+    "A100": 312e12,  # A100 SXM and PCIe
     "cpu": None,
 }
 
 
 def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the device called `device_name`, or None when unknown."""
     for key, value in PEAK_FLOPS.items():
         if key.lower() in device_name.lower():
             return value

@@ -41,6 +41,14 @@ def _micro_step(model, engine, batch, topology, autocast_dtype, device):
     return out.lm_loss.detach()
 
 
+def last_step(train_cfg) -> int:
+    """The step a run ends at: train.max_steps, or earlier when train.max_tokens is reached."""
+    if train_cfg.max_tokens:
+        tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
+        return min(train_cfg.max_steps, -(-train_cfg.max_tokens // tokens_per_step))
+    return train_cfg.max_steps
+
+
 def train_loop(*, model, engine, data, train_cfg, logger, device, topology, autocast_dtype=None,
                flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0,
                checkpoint=None, stop=None) -> dict:
@@ -49,9 +57,7 @@ def train_loop(*, model, engine, data, train_cfg, logger, device, topology, auto
     says a stop was requested: every rank then saves a checkpoint at this step and returns."""
     grad_accum = engine.grad_accum
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
-    max_steps = train_cfg.max_steps
-    if train_cfg.max_tokens:
-        max_steps = min(max_steps, -(-train_cfg.max_tokens // tokens_per_step))
+    max_steps = last_step(train_cfg)
     model.train()
     losses, window_tokens, window_start, data_wait, stall = [], 0, time.perf_counter(), 0.0, None
     history = []

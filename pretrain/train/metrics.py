@@ -1,83 +1,167 @@
-"""Training metrics: one JSON object per logged step in metrics.jsonl (rank 0) and a live progress line.
+"""Training metrics: one JSON object per logged step in metrics.jsonl (rank 0), TensorBoard event files in
+RUN_DIR/tensorboard/ (rank 0), and a live progress line.
 
 In a multi-worker job the driver prints the line by following metrics.jsonl; in a local run the logger
-prints it directly. Both use `ProgressPrinter`, so the line looks the same.
+prints it directly. Both use `ProgressPrinter`, so the line looks the same; `liquid monitor` prints it too.
+One line per log interval, no carriage returns (the stream is often a log file):
+
+  step    120/500 [#####...............]  24% 492k/2.05M tok | loss 4.1234 | lr 3.00e-04 | 9,212 tok/s |
+  4,606 tok/s/device | MFU 41.2% | data wait 0.1% | ckpt stall 0.42s | expert load max/mean 1.24 |
+  elapsed 1m02s | eta 3m10s
+
+(one line in the output). The bar goes toward `train.max_tokens` when it is set (capped by what max_steps
+allows), else toward max_steps' tokens. MFU reads "n/a" where the device's peak is unknown (CPU);
+"ckpt stall" appears only when a checkpoint was saved in the window.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+BAR_WIDTH = 20
 
-def _fmt_duration(seconds: float) -> str:
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
     seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h"
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class ProgressPrinter:
-    """Formats a metrics record as one line: step, loss, tokens/s (and per device), MFU, expert load, ETA."""
+_fmt_duration = fmt_duration  # the old private name
 
-    def __init__(self, *, max_steps: int, stream=None):
-        self.max_steps = max_steps
+
+def human(n: float | None) -> str:
+    """1234 -> '1.23k', 2048000 -> '2.05M', 38e12 -> '38.0T' (three significant digits)."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def run_target(record: dict, *, max_steps: int, max_tokens: int | None = None) -> tuple[int, int]:
+    """(last step, target tokens) of the run, as the training loop decides them: it stops at whichever of
+    max_steps / max_tokens comes first (tokens per step taken from the record)."""
+    step, tokens = record["step"], record["tokens"]
+    per_step = tokens / step if step > 0 else 0
+    last_step, target = max_steps, max_steps * per_step
+    if max_tokens and per_step > 0:
+        last_step = min(max_steps, math.ceil(max_tokens / per_step))
+        target = min(max_tokens, target)
+    return max(last_step, step), int(round(target))
+
+
+def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    done = int(fraction * width + 1e-9)
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def format_line(r: dict, *, max_steps: int, max_tokens: int | None = None) -> str:
+    """The live line of one metrics record (see the module docstring)."""
+    last_step, target = run_target(r, max_steps=max_steps, max_tokens=max_tokens)
+    fraction = min(r["tokens"] / target, 1.0) if target else 0.0
+    parts = [f"step {r['step']:>6}/{last_step} {progress_bar(fraction)} {fraction:4.0%} "
+             f"{human(r['tokens'])}/{human(target)} tok",
+             f"loss {r['loss']:.4f}", f"lr {r.get('lr') or 0:.2e}"]
+    tps, devices = r.get("tokens_per_s"), r.get("devices") or 1
+    if tps is not None:
+        parts += [f"{tps:,.0f} tok/s", f"{tps / devices:,.0f} tok/s/device"]
+    parts.append(f"MFU {r['mfu']:.1%}" if r.get("mfu") is not None else "MFU n/a")
+    if r.get("data_wait_frac") is not None:
+        parts.append(f"data wait {r['data_wait_frac']:.1%}")
+    if r.get("checkpoint_stall_s") is not None:
+        parts.append(f"ckpt stall {r['checkpoint_stall_s']:.2f}s")
+    if r.get("expert_load_max_over_mean") is not None:
+        parts.append(f"expert load max/mean {r['expert_load_max_over_mean']:.2f}")
+    parts += [f"elapsed {fmt_duration(r.get('elapsed_s', 0))}", f"eta {fmt_duration(r.get('eta_s'))}"]
+    return " | ".join(parts)
+
+
+class ProgressPrinter:
+    """Writes each metrics record as one line (format_line) to `stream` (default stdout)."""
+
+    def __init__(self, *, max_steps: int, stream=None, max_tokens: int | None = None):
+        self.max_steps, self.max_tokens = max_steps, max_tokens
         self.stream = stream or sys.stdout
 
+    def format(self, r: dict) -> str:
+        return format_line(r, max_steps=self.max_steps, max_tokens=self.max_tokens)
+
     def __call__(self, r: dict) -> None:
-        parts = [f"step {r['step']:>6}/{self.max_steps}", f"loss {r['loss']:.4f}", f"lr {r.get('lr', 0):.2e}",
-                 f"{r['tokens_per_s']:,.0f} tok/s"]
-        if r.get("devices", 1) > 1:
-            parts.append(f"{r['tokens_per_s'] / r['devices']:,.0f} tok/s/device")
-        if r.get("mfu") is not None:
-            parts.append(f"MFU {r['mfu']:.1%}")
-        parts.append(f"tokens {r['tokens']:,}")
-        if r.get("expert_load_max_over_mean") is not None:
-            parts.append(f"expert load max/mean {r['expert_load_max_over_mean']:.2f}")
-        parts += [f"elapsed {_fmt_duration(r.get('elapsed_s', 0))}", f"eta {_fmt_duration(r.get('eta_s', 0))}"]
-        self.stream.write(" | ".join(parts) + "\n")
+        self.stream.write(self.format(r) + "\n")
         self.stream.flush()
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True, start_step: int = 0):
-        """A fresh run starts an empty metrics.jsonl; a resumed one keeps the records up to `start_step`
-        (those after it were logged by an attempt whose later steps are trained again)."""
+    def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True, start_step: int = 0,
+                 max_tokens: int | None = None, tensorboard: bool = True):
+        """A fresh run starts an empty metrics.jsonl (and removes old TensorBoard events); a resumed one keeps
+        the records up to `start_step` (those after it were logged by an attempt whose later steps are
+        trained again), and TensorBoard purges the events after it. Only an enabled logger (rank 0) writes.
+        `max_tokens` (train.max_tokens) makes the ETA count toward the step where the token budget ends."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.max_steps, self.start_step = max_steps, start_step
+        self.max_steps, self.max_tokens, self.start_step = max_steps, max_tokens, start_step
         self.printer = printer
         self.start = time.perf_counter()
         self._file = None
+        self._tb = None
         if enabled:
-            self._keep_until(start_step)
+            kept_tokens = self._keep_until(start_step)
             self._file = self.path.open("a", buffering=1)
+            if tensorboard:
+                from pretrain.train.tensorboard import open_writer
 
-    def _keep_until(self, step: int) -> None:
-        kept = []
+                self._tb = open_writer(run_dir, start_step=start_step, start_tokens=kept_tokens)
+
+    def _keep_until(self, step: int) -> int:
+        """Rewrite metrics.jsonl with the records up to `step`; returns the tokens of the last one kept."""
+        kept, tokens = [], 0
         if step > 0 and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] <= step:
+                    record = json.loads(line)
+                    if record["step"] <= step:
                         kept.append(line + "\n")
-                except (ValueError, KeyError):  # a line cut by a crash
+                        tokens = max(tokens, int(record.get("tokens") or 0))
+                except (ValueError, KeyError, TypeError):  # a line cut by a crash
                     continue
         tmp = self.path.with_name(self.path.name + ".partial")
         tmp.write_text("".join(kept))
         tmp.replace(self.path)  # a new file: a reader following the old one notices
+        return tokens
 
     def log(self, record: dict) -> None:
-        """record must hold step, loss, tokens, tokens_per_s; elapsed and eta are added here."""
+        """record must hold step, loss, tokens, tokens_per_s; elapsed, eta and time are added here."""
         if self._file is None:
             return
         elapsed = time.perf_counter() - self.start
         step = record["step"]
-        eta = elapsed / max(step - self.start_step, 1) * (self.max_steps - step)
+        last_step, _ = run_target(record, max_steps=self.max_steps, max_tokens=self.max_tokens)
+        eta = elapsed / max(step - self.start_step, 1) * (last_step - step)
         record = {**record, "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add(record)
         if self.printer is not None:
             self.printer(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

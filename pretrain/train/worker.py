@@ -23,7 +23,7 @@ from parallel.topology import build_topology, expert_groups_across_nodes, single
 from pretrain.config import config_hash, to_yaml
 from pretrain.model.model import build_model
 from pretrain.train.flops import flops_per_token, peak_flops
-from pretrain.train.loop import train_loop
+from pretrain.train.loop import last_step, train_loop
 from pretrain.train.metrics import MetricsLogger, ProgressPrinter
 
 
@@ -135,7 +135,8 @@ def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | Non
     data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
                          rank=topology.dp_rank, world=topology.dp)
     model = parallelize(build_model(cfg.model, device=device), topology)
-    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=t.max_steps, grad_accum=grad_accum,
+    # The LR schedule decays to the run's real end (max_tokens may come before max_steps).
+    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=last_step(t), grad_accum=grad_accum,
                           micro_batch_size=t.micro_batch_size)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint, topology=topology, cfg=cfg, launch_id=launch_id)
     start_step, tokens, resumed_from = 0, 0, None
@@ -149,9 +150,9 @@ def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | Non
     write_worker_status(run_dir, topology, "running", launch_id=launch_id, start_step=start_step,
                         node_ip=_node_ip())
     _warn_if_expert_groups_span_nodes(topology)
-    printer = ProgressPrinter(max_steps=t.max_steps) if progress else None
-    logger = MetricsLogger(run_dir, max_steps=t.max_steps, printer=printer, enabled=topology.rank == 0,
-                           start_step=start_step)
+    printer = ProgressPrinter(max_steps=t.max_steps, max_tokens=t.max_tokens) if progress else None
+    logger = MetricsLogger(run_dir, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
+                           enabled=topology.rank == 0, start_step=start_step)
     peak = peak_flops(torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     try:
         result = train_loop(model=model, engine=engine, data=data, train_cfg=t, logger=logger, device=device,
