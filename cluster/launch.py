@@ -73,23 +73,32 @@ class _MetricsFollower(threading.Thread):
                     self.printer(record)
 
 
-def launch_ray(cfg, printer) -> dict:
+def init_ray(cfg) -> None:
+    """Start or join Ray (once). Called before the driver installs its SIGTERM handler: ray.init() installs
+    its own, which would replace ours."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
+    if ray.is_initialized():
+        return
     # A hung worker fails the job's attempt within collective_timeout_s two ways: its peers' collectives
     # time out (the process group's timeout), and Ray Train's controller stops waiting for its status.
     hang = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(c.collective_timeout_s)}
     os.environ.update(hang)  # read by the train controller of a local cluster started here
-    if not ray.is_initialized():
-        from cluster.safety import ray_init_kwargs
+    from cluster.safety import ray_init_kwargs
 
-        # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
-        # whose every process listens on 127.0.0.1 only.
-        ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **hang}})
+    # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
+    # whose every process listens on 127.0.0.1 only.
+    ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **hang}})
+
+
+def launch_ray(cfg, printer) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    c = cfg.cluster
+    init_ray(cfg)
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     start = resume_target(run_dir, cfg.checkpoint.resume)  # fail fast, before any worker starts
@@ -162,6 +171,8 @@ def launch(cfg, printer=None) -> dict:
 
     printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, max_tokens=cfg.train.max_tokens,
                                          stream=sys.stdout)
+    if use_ray(cfg):
+        init_ray(cfg)  # first: its SIGTERM handler must not replace the one below
     with _StopOnSignal(Path(cfg.run.dir)):
         if use_ray(cfg):
             return launch_ray(cfg, printer)
