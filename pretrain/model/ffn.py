@@ -34,7 +34,15 @@ class Experts(nn.Module):
             nn.init.normal_(w, std=0.02)
 
     def forward(self, x_sorted, counts):
-        """x_sorted [tokens, d] grouped by expert; counts [E] (python ints or a tensor) -> [tokens, d]."""
+        """x_sorted [tokens, d] grouped by expert; counts [E] (python ints or a tensor) -> [tokens, d].
+
+        Where `torch._grouped_mm` has a real kernel (CUDA, bf16 compute, see `_grouped_mm_dtype`) the
+        experts run as three grouped GEMMs over per-expert offsets (no host sync on `counts`); otherwise
+        as a Python loop over experts. Both give the same results.
+        """
+        compute_dtype = _grouped_mm_dtype(x_sorted, self.w1)
+        if compute_dtype is not None and x_sorted.shape[0]:  # no tokens: the loop's empty result
+            return _grouped_experts(x_sorted, counts, self.w1, self.w3, self.w2, compute_dtype)
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
         outs, start = [], 0
         for e, n in enumerate(counts):
@@ -43,6 +51,61 @@ class Experts(nn.Module):
                 outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
             start += n
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.w2.shape[1])
+
+
+def _grouped_mm_dtype(x, w):
+    """The dtype the grouped-GEMM path computes in for these inputs, or None to use the loop.
+
+    `torch._grouped_mm` is documented for bf16 on CUDA with SM >= 80 (its meta/compile checks accept
+    only bf16, and fp16 on a few cuBLASLt builds); elsewhere (CPU, fp32) it is a per-group fallback
+    at best, so the loop is kept. Under CUDA autocast the loop's F.linear computes in the autocast
+    dtype, so that dtype is what counts. Operand rows must be 16-byte aligned (d and hidden % 8 in bf16).
+    """
+    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda" or w.device != x.device:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    if dtype != torch.bfloat16 or (not torch.is_autocast_enabled("cuda") and w.dtype != dtype):
+        return None
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return None
+    hidden, d = w.shape[-2:]
+    align = 16 // dtype.itemsize
+    return dtype if d % align == 0 and hidden % align == 0 else None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward rejects
+    expanded or strided gradients such as the one from `.sum()`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_experts(x_sorted, counts, w1, w3, w2, dtype):
+    """SwiGLU experts as grouped GEMMs: rows offs[e-1]:offs[e] of x_sorted go to expert e.
+
+    Weights are cast to `dtype` the way autocast would (a differentiable cast). Zero-token experts are
+    empty groups. Works on any device where `torch._grouped_mm` runs (the CPU has a fallback), which
+    is how the tests check it against the loop.
+    """
+    if x_sorted.shape[0] == 0:  # grouped_mm's backward rejects the zero-size gradients this would get
+        return x_sorted.new_zeros(0, w2.shape[1], dtype=dtype)
+    if not torch.is_tensor(counts):
+        counts = torch.tensor(list(counts), dtype=torch.int64)
+    offs = counts.to(device=x_sorted.device).cumsum(0).to(torch.int32)
+    x = x_sorted.to(dtype).contiguous()
+    w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))
+    # nn.Linear layout [E, out, in]: the grouped product wants [E, in, out], i.e. the transpose.
+    with torch.autocast(x.device.type, enabled=False):
+        h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)) * torch._grouped_mm(
+            x, w3.transpose(-2, -1), offs=offs)
+        out = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+    return _ContiguousGrad.apply(out)
 
 
 class Router(nn.Module):

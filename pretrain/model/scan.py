@@ -60,6 +60,12 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     recompute=True keeps only each group's inputs for backward and recomputes its chunk matrices there
     (about a third more compute; the memory left is the inputs, outputs and one group's temporaries).
     """
+    if q.is_cuda:
+        from pretrain.model import scan_triton  # lazy: scan_triton imports this module
+
+        if scan_triton.use_triton(q):
+            return scan_triton.liquid_scan_triton(q, k, v, log_decay, initial_state=initial_state,
+                                                  chunk_size=chunk_size, recompute=recompute)
     _check_shapes(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
