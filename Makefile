@@ -25,7 +25,7 @@ pretrain: $(STAMP)
 	$(VENV)/bin/liquid pretrain $(if $(ARGS),$(ARGS),checkpoint.resume=auto)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/liquid bench scan

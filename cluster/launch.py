@@ -94,11 +94,19 @@ def init_ray(cfg) -> None:
 
 
 def launch_ray(cfg, printer) -> dict:
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cluster.safety import is_loopback
+    from cluster.torch_backend import torch_config
 
     c = cfg.cluster
     init_ray(cfg)
+    # The local cluster started here (no cluster.address, no RAY_ADDRESS) listens on 127.0.0.1 only: so does
+    # the process group's rendezvous store (rank 0's TCPStore). Any other cluster: Ray's TorchConfig.
+    loopback = (not c.address and not os.environ.get("RAY_ADDRESS")
+                and is_loopback(ray.util.get_node_ip_address()))
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     start = resume_target(run_dir, cfg.checkpoint.resume)  # fail fast, before any worker starts
@@ -108,7 +116,7 @@ def launch_ray(cfg, printer) -> dict:
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config_yaml": to_yaml(_absolute_run_dir(cfg, run_dir)), "launch_id": launch_id},
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo", timeout_s=int(c.collective_timeout_s)),
+        torch_config=torch_config("nccl" if c.use_gpu else "gloo", int(c.collective_timeout_s), loopback=loopback),
         # One bundle per worker in a placement group; PACK fills a node before the next, and Ray Train gives
         # the workers of a node consecutive ranks, so expert-parallel groups (consecutive ranks) stay
         # inside a node when each node holds a multiple of parallel.ep workers. Rank 0's node hosts the

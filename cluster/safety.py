@@ -18,12 +18,11 @@ cluster started that way cannot take other nodes, which is what a local cluster 
 `local_ray_init_kwargs()` applies that switch in this process (and, through the environment, in every Ray
 process it starts) and returns the `ray.init` arguments of a fresh, loopback-only local cluster.
 
-Not Ray's and not covered: torch.distributed's rendezvous store (c10d TCPStore), which Ray Train's
-TorchConfig creates on rank 0 at MASTER_ADDR:MASTER_PORT, binds the wildcard address (`::`) whatever
-MASTER_ADDR says (torch 2.14; TCPStore("127.0.0.1", ...) alone listens on `::` too). It lives as long as
-the process group. Only a listening socket bound beforehand (TCPStore(master_listen_fd=...,
-multi_tenant=True) on rank 0, which init_process_group then reuses) keeps it on loopback, and Ray Train
-has no hook for that before it sets the process group up.
+Not Ray's: torch.distributed's rendezvous store (c10d TCPStore), which Ray Train's stock TorchConfig
+creates on rank 0, binds the wildcard address (`::`) whatever MASTER_ADDR says (torch 2.14). On the
+loopback-only local cluster, cluster/torch_backend.py creates it on a socket bound to 127.0.0.1 beforehand
+(TCPStore(master_listen_fd=..., multi_tenant=True)) and builds the process group from it, and pins gloo /
+NCCL to the loopback interface.
 """
 from __future__ import annotations
 

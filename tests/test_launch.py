@@ -24,7 +24,8 @@ def test_two_workers_on_ray_with_expert_parallelism(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world"] == 2 and summary["tokens"] == 4 * 4 * 64
     # Both ranks wrote their share of the final checkpoint; rank 0 exported it.
-    assert summary["checkpoints"] == ["step_00000004"] and summary["export"] == str(run_dir / "export")
+    assert summary["checkpoints"] == ["step_00000004"], summary
+    assert summary["export"] == str(run_dir.resolve() / "export"), (summary, proc.stdout[-2000:])
     files = sorted(p.name for p in (run_dir / "checkpoints" / "step_00000004").iterdir())
     assert files == ["manifest.json", "rank00000.json", "rank00000.safetensors", "rank00001.json",
                      "rank00001.safetensors"]

@@ -5,6 +5,8 @@ or the output.
     options change process-wide Ray state): every listening socket of every Ray process is on loopback.
 (b) A real training run reading its shards from a real S3-compatible server (moto on 127.0.0.1) with planted
     credentials in the environment: neither value appears in any file the run writes nor in its output.
+(c) The torch process group on that local cluster (cluster/torch_backend.py): the rendezvous store and gloo
+    listen on loopback, the collective timeout holds, and a real 2-worker training exposes no socket.
 """
 import json
 import os
@@ -195,3 +197,204 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     assert not _files_containing(run_dir, needles)
     assert not _files_containing(cache, needles)  # the shard cache and LIQUID_CACHE
     assert not _files_containing(scratch, needles)  # temporary files
+
+
+# --- (c) the process-group rendezvous store on a local cluster ------------------------------------------------
+# cluster/torch_backend.py: LoopbackTorchConfig puts rank 0's TCPStore (which Ray's TorchConfig leaves on `::`)
+# on 127.0.0.1 and builds every rank's process group through it.
+
+def _store_rank(rank, port_queue, done, results):
+    """One rank of a 2-process group set up as LoopbackTorchConfig's backend does on a Ray worker, with a
+    3 s collective timeout; rank 1 then stays out of the collectives until rank 0 is done."""
+    import traceback
+
+    os.environ.update(LOCAL_RAY_ENV)  # a fresh process: the node IP Ray reports is 127.0.0.1
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.pop(var, None)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from cluster import torch_backend
+
+        torch.set_num_threads(1)
+        if rank == 0:
+            addr, port = torch_backend._bind_store_listener()
+            port_queue.put((addr, port))
+        else:
+            addr, port = port_queue.get(timeout=60)
+        torch_backend._setup_loopback_process_group("gloo", rank, 2, addr, port, timeout_s=3)
+        result = {"rank": rank, "port": port, "gloo_interface": os.environ.get("GLOO_SOCKET_IFNAME"),
+                  "loopback_interface": torch_backend._loopback_interface()}
+        if rank == 0:
+            result["listening"] = listening_sockets()
+            start = time.monotonic()
+            try:
+                dist.all_reduce(torch.ones(4))  # rank 1 never joins it
+                result["collective"] = "returned"
+            except Exception as err:
+                result["collective"] = f"{type(err).__name__}: {str(err)[:200]}"
+            result["waited_s"] = time.monotonic() - start
+            dist.destroy_process_group()  # what Ray's on_shutdown does before a restart
+            result["listening_after"] = listening_sockets()
+            done.set()
+        else:
+            done.wait(120)
+            dist.destroy_process_group()
+        results.put(result)
+    except BaseException:
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def test_loopback_store_process_group_timeout_and_shutdown():
+    """The rendezvous store listens on 127.0.0.1 only; the collective timeout reaches the process group; destroying
+    the group (Ray's on_shutdown) closes the store's socket."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    port_queue, results, done = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_store_rank, args=(rank, port_queue, done, results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = {r["rank"]: r for r in (results.get(timeout=120) for _ in procs)}
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    assert not [r["error"] for r in got.values() if "error" in r], [r["error"] for r in got.values() if "error" in r]
+    rank0 = got[0]
+    store = [s for s in rank0["listening"] if s["port"] == rank0["port"] and s["proto"] == "tcp"]
+    assert [s["ip"] for s in store] == ["127.0.0.1"], rank0["listening"]
+    assert not [s for s in rank0["listening"] if not is_loopback(s["ip"])], rank0["listening"]
+    # gloo's listeners too, even where this host's name resolves to a routable address.
+    assert rank0["gloo_interface"] == rank0["loopback_interface"] in ("lo", "lo0"), rank0
+    # The peer stays away: the collective fails after the configured 3 s, not torch's default 30 min.
+    assert rank0["collective"] != "returned" and 2.5 < rank0["waited_s"] < 60, rank0
+    assert not [s for s in rank0["listening_after"] if s["port"] == rank0["port"]], rank0["listening_after"]
+
+
+def test_loopback_torch_config_refuses_a_cluster_beyond_one_loopback_node(monkeypatch):
+    import ray.util
+    from ray.train.torch import TorchConfig
+
+    from cluster import torch_backend
+    from cluster.torch_backend import LoopbackTorchConfig, torch_config
+
+    assert type(torch_config("gloo", 60, loopback=False)) is TorchConfig
+    config = torch_config("nccl", 60, loopback=True)
+    assert isinstance(config, LoopbackTorchConfig) and (config.backend, config.timeout_s) == ("nccl", 60)
+    assert config.train_func_context is TorchConfig().train_func_context  # device setup as Ray's
+
+    class Group:  # a worker group whose workers sit on two nodes
+        def execute(self, fn, *args, **kwargs):
+            assert fn is torch_backend._worker_node_id, fn
+            return ["node-a", "node-b"]
+
+        def execute_single(self, *args, **kwargs):
+            raise AssertionError("no store for a group across nodes")
+
+        def get_resources_per_worker(self):
+            return {"CPU": 1}
+
+        def __len__(self):
+            return 2
+
+    with pytest.raises(RuntimeError, match="one node"):
+        config.backend_cls().on_start(Group(), config)
+    # A node whose IP is not loopback (a cluster other nodes can join): rank 0 binds nothing.
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.2")
+    with pytest.raises(RuntimeError, match="loopback-only"):
+        torch_backend._bind_store_listener()
+    assert torch_backend._listener is None
+
+
+# Until cluster/launch.py selects the config itself: the CLI with Ray Train's TorchConfig replaced.
+_LOOPBACK_DRIVER = r"""
+import sys
+import ray.train.torch
+from cluster.torch_backend import torch_config
+
+ray.train.torch.TorchConfig = lambda backend, timeout_s: torch_config(backend, timeout_s, loopback=True)
+from pretrain.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _launch_wired() -> bool:
+    return "torch_config(" in (REPO / "cluster" / "launch.py").read_text()
+
+
+def _store_ports(rank_pids: list[int]) -> set[int]:
+    """Rank 0's TCPStore: a port rank 0 listens on that every rank (rank 0's own client included) is connected
+    to. (gloo's pair listeners on rank 0 get connections from the other ranks only.)"""
+    import psutil
+
+    conns = [c for c in psutil.net_connections(kind="tcp") if c.pid in rank_pids]
+    listening = {c.laddr.port for c in conns if c.pid == rank_pids[0] and c.status == psutil.CONN_LISTEN}
+    return {port for port in listening
+            if all(any(c.pid == pid and c.raddr and c.raddr.port == port for c in conns) for pid in rank_pids)}
+
+
+def _train_and_watch(tmp_path, *, wired: bool) -> dict:
+    """`liquid pretrain` with 2 Ray workers on the local cluster; while both train, the listening sockets of the
+    driver's whole process tree (Ray's processes, the workers) and rank 0's store port."""
+    run_dir = tmp_path / "run"
+    overrides = ["tiny", "parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2", "cluster.launcher=ray",
+                 "train.max_steps=12", "train.log_interval=4", "train.seq_len=64", "train.global_batch_size=4",
+                 "train.micro_batch_size=2", "train.threads=1", "data.corpus_max_mb=0.5",
+                 "data.tokenizer_vocab_size=512", "model.vocab_size=512", "checkpoint.export=false",
+                 "checkpoint.interval=1000", f"run.dir={run_dir}"]
+    args = ["-m", "pretrain.cli", "pretrain", *overrides] if wired else ["-c", _LOOPBACK_DRIVER, "pretrain", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"LIQUID_CACHE": str(tmp_path / "cache"), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen, stores, polls = {}, set(), 0
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            workers = [_worker_status(run_dir, rank) for rank in (0, 1)]
+            if all(w and w["status"] == "running" for w in workers):  # both in the training loop
+                for s in listening_sockets(proc.pid):
+                    seen[(s["proto"], s["ip"], s["port"], s["pid"])] = s
+                stores |= _store_ports([workers[0]["pid"], workers[1]["pid"]])
+                polls += 1
+            time.sleep(0.2)
+        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return {"returncode": proc.returncode, "output": out, "sockets": list(seen.values()), "stores": stores,
+            "polls": polls, "summary": json.loads((run_dir / "summary.json").read_text())
+            if (run_dir / "summary.json").exists() else None}
+
+
+def _worker_status(run_dir: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((run_dir / "workers" / f"rank{rank}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_training_on_local_ray_listens_on_loopback_only(tmp_path):
+    """A real 2-worker training on the loopback-only local cluster: while the workers train, nothing in the
+    whole process tree (Ray, the workers' gRPC servers, gloo, the TCPStore rendezvous) listens beyond loopback."""
+    start = time.monotonic()
+    result = _train_and_watch(tmp_path, wired=_launch_wired())
+    assert result["returncode"] == 0, result["output"][-5000:]
+    assert result["summary"]["steps"] == 12 and result["summary"]["world"] == 2
+    sockets = result["sockets"]
+    assert result["polls"] >= 1 and sockets, "the workers were never seen training"
+    exposed = [s for s in sockets if not is_loopback(s["ip"])]
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(
+        f"{s['proto']} {s['ip']}:{s['port']} pid {s['pid']} {s['name']}" for s in exposed)
+    # The store was found, on rank 0, and on 127.0.0.1 (Ray's TorchConfig puts it on `::`).
+    assert len(result["stores"]) == 1, result["stores"]
+    store = [s for s in sockets if s["port"] in result["stores"] and s["proto"] == "tcp"]
+    assert store and all(s["ip"] == "127.0.0.1" for s in store), store
+    print(f"training on local Ray: {len(sockets)} listening sockets, all on loopback; store "
+          f"{store[0]['ip']}:{store[0]['port']} ({time.monotonic() - start:.1f} s)")

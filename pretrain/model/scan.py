@@ -14,6 +14,8 @@ tokens in different segments are masked out, and the carried state is dropped af
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.utils.checkpoint
 
@@ -54,6 +56,15 @@ def liquid_scan_reference(q, k, v, log_decay, *, initial_state=None, chunk_size=
     return y.to(v.dtype), state
 
 
+def _triton_scan():
+    """The Triton kernel's module, imported on first CUDA use (it imports this module). Exported models ship
+    without it (their copy of this file then always takes the PyTorch path)."""
+    try:
+        return importlib.import_module("pretrain.model.scan_triton")
+    except ImportError:
+        return None
+
+
 def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE, recompute=False):
     """Chunked parallel scan: masked matmuls inside a chunk, state passing between chunks.
 
@@ -61,9 +72,8 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
     (about a third more compute; the memory left is the inputs, outputs and one group's temporaries).
     """
     if q.is_cuda:
-        from pretrain.model import scan_triton  # lazy: scan_triton imports this module
-
-        if scan_triton.use_triton(q):
+        scan_triton = _triton_scan()
+        if scan_triton is not None and scan_triton.use_triton(q):
             return scan_triton.liquid_scan_triton(q, k, v, log_decay, initial_state=initial_state,
                                                   chunk_size=chunk_size, recompute=recompute)
     _check_shapes(q, k, v, log_decay, initial_state)
