@@ -115,10 +115,6 @@ class TensorReader:
             self._files[name] = safe_open(str(self.ckpt / name), framework="pt")
         return self._files[name]
 
-    def shape(self, kind: str, name: str) -> tuple[int, ...] | None:
-        entry = self.index.get(f"{kind}/{name}")
-        return tuple(entry["shape"]) if entry else None
-
     def read(self, kind: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         entry = self.index.get(f"{kind}/{name}")
         if entry is None:
@@ -240,13 +236,12 @@ class CheckpointManager:
     def _write_guarded(self, *, step, tmp, **job) -> None:
         try:
             t0 = time.perf_counter()
-            nbytes = self._write_rank(step=step, tmp=tmp, **job)
+            self._write_rank(step=step, tmp=tmp, **job)
             if self.topology.rank == 0:
                 total = self._finalize(step, job["tokens"], tmp)
                 self.saved.append(step)
                 self.log(f"checkpoint: saved {step_dir_name(step)} ({total / 2**20:.1f} MiB in "
                          f"{time.perf_counter() - t0:.2f} s; training stalled {self.last_stall_s:.3f} s)")
-            del nbytes
         except BaseException as err:  # reported, never raised into training: earlier checkpoints stand
             self._error = err
             self._fail(step, tmp, err)
@@ -268,7 +263,7 @@ class CheckpointManager:
         self.failures.append(message)
         self.log(message)
 
-    def _write_rank(self, *, step, tokens, pieces, rng, rank_state, tmp) -> int:
+    def _write_rank(self, *, step, tokens, pieces, rng, rank_state, tmp) -> None:
         from safetensors.torch import save_file
 
         rank = self.topology.rank
@@ -286,7 +281,6 @@ class CheckpointManager:
         marker = {**rank_state, "file": name, "bytes": (tmp / name).stat().st_size,
                   "sha256": sha256_file(tmp / name), "tensors": index}
         write_json_atomic(tmp / f"rank{rank:05d}.json", marker)
-        return marker["bytes"]
 
     def _finalize(self, step: int, tokens: int, tmp: Path) -> int:
         """Rank 0: wait for every rank's marker, write the manifest, rename, point `latest`, retain."""
@@ -373,7 +367,7 @@ class CheckpointManager:
         ckpt = Path(ckpt)
         manifest = read_manifest(ckpt)
         reader = TensorReader(ckpt, manifest)
-        self._check_model(ckpt, manifest, state_shapes(engine, self.topology), reader)
+        self._check_model(ckpt, manifest, state_shapes(engine, self.topology))
         restore(engine, self.topology, reader.read)
         _restore_schedule(engine.scheduler, manifest["scheduler_last_epoch"])
         saved, now = manifest["topology"], self.topology
@@ -390,7 +384,7 @@ class CheckpointManager:
                      f"{manifest['tokens']:,} tokens){how}")
         return int(manifest["step"]), int(manifest["tokens"])
 
-    def _check_model(self, ckpt: Path, manifest: dict, expected: dict, reader: TensorReader) -> None:
+    def _check_model(self, ckpt: Path, manifest: dict, expected: dict) -> None:
         problems = []
         saved = {key.split("/", 1)[1]: tuple(v["shape"]) for key, v in manifest["tensors"].items()
                  if key.startswith("model/")}
