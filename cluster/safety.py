@@ -87,6 +87,16 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+def _short_command(argv: list[str], limit: int = 160) -> str:
+    """A process's command line that reads the same wherever the project is checked out: the program by its
+    base name and installed files from `site-packages/` on (so Ray's dashboard is `ray/dashboard/dashboard.py`
+    however long the path to the virtual environment)."""
+    parts = [os.path.basename(argv[0])] if argv else []
+    for arg in argv[1:]:
+        parts.append(arg.split("site-packages/", 1)[1] if "site-packages/" in arg else arg)
+    return " ".join(parts)[:limit]
+
+
 def listening_sockets(root_pid: int | None = None) -> list[dict]:
     """TCP sockets in LISTEN state and bound UDP sockets of `root_pid` (default: this process) and all its
     descendants: [{"pid", "name", "proto", "ip", "port"}], sorted."""
@@ -104,7 +114,7 @@ def listening_sockets(root_pid: int | None = None) -> list[dict]:
         if (tcp and conn.status != psutil.CONN_LISTEN) or (not tcp and conn.raddr):
             continue
         try:
-            name = " ".join(procs[conn.pid].cmdline())[:100] or procs[conn.pid].name()
+            name = _short_command(procs[conn.pid].cmdline()) or procs[conn.pid].name()
         except psutil.Error:
             name = "?"
         found.append({"pid": conn.pid, "name": name, "proto": "tcp" if tcp else "udp",

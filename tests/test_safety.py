@@ -62,6 +62,20 @@ def test_ray_init_kwargs_joins_what_it_is_told(monkeypatch):
     assert all(os.environ[k] == v for k, v in LOCAL_RAY_ENV.items())
 
 
+def test_process_names_do_not_depend_on_the_checkout_path():
+    """The names the component check below looks for survive any depth of checkout (a CI path once cut
+    `dashboard.py` off a 100-character command line)."""
+    from cluster.safety import _short_command
+
+    deep = "/" + "/".join(["a-long-directory-name"] * 12) + "/.venv"
+    site = f"{deep}/lib/python3.11/site-packages"
+    dashboard = _short_command([f"{deep}/bin/python", f"{site}/ray/dashboard/dashboard.py", "--host=127.0.0.1"])
+    assert dashboard == "python ray/dashboard/dashboard.py --host=127.0.0.1"
+    assert _short_command([f"{site}/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/x"]) == (
+        "gcs_server --log_dir=/tmp/x")
+    assert _short_command([]) == ""
+
+
 # --- (a) a real local Ray cluster -----------------------------------------------------------------------------
 
 _LOCAL_RAY = r"""
