@@ -149,7 +149,9 @@ class MoE(nn.Module):
         token_of = order // idx.shape[1]  # source token of each sorted slot
         out_sorted = self.experts(flat[token_of], counts)
         out_sorted = out_sorted * weights.flatten()[order, None].to(out_sorted.dtype)
-        y = torch.zeros_like(flat).index_add_(0, token_of, out_sorted)
+        # Under autocast the experts compute in bf16 while fp32 weights keep the residual stream in fp32:
+        # combine in the stream's dtype.
+        y = torch.zeros_like(flat).index_add_(0, token_of, out_sorted.to(flat.dtype))
         return y.view(shape), self._aux_loss(logits, scores, counts)
 
     def _aux_loss(self, logits, scores, counts):

@@ -1,6 +1,7 @@
 """Checkpoints of real training runs (single process here; two ranks in tests/distributed/test_reshard.py):
 the run directory, the manifest, exact resume, retention, torn / corrupt / failed / killed saves."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -89,6 +90,18 @@ def test_resume_is_bitwise_identical_to_the_uninterrupted_run(run6, tmp_path):
     # The final weights too.
     a, b = (read_model_state(d / "checkpoints" / "step_00000006") for d in (run_dir, run6))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_bf16_autocast_run_trains_and_resumes_bitwise(tmp_path):
+    """train.dtype=bf16 in one process: fp32 weights under bf16 autocast (the single-GPU path, here on the
+    CPU). It trains, and a resume reproduces the uninterrupted run's losses bit for bit."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(whole, "train.max_steps=4", "checkpoint.interval=2", "train.dtype=bf16")
+    train(split, "train.max_steps=2", "checkpoint.interval=2", "train.dtype=bf16")
+    train(split, "train.max_steps=4", "checkpoint.interval=2", "train.dtype=bf16", "checkpoint.resume=auto")
+    reference = losses(whole)
+    assert sorted(reference) == [1, 2, 3, 4] and all(math.isfinite(v) for v in reference.values())
+    assert losses(split) == reference
 
 
 def test_a_fresh_run_refuses_a_directory_with_checkpoints(run6):

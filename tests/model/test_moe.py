@@ -238,3 +238,18 @@ def test_single_token_and_no_token_batches():
     with torch.no_grad():
         y0, _ = moe(torch.randn(2, 0, D_MODEL))
     assert y0.shape == (2, 0, D_MODEL)
+
+
+def test_fp32_weights_under_bf16_autocast():
+    """One process training with train.dtype=bf16 keeps fp32 weights and runs under bf16 autocast: the
+    experts then compute in bf16 while the residual stream stays fp32. Forward and backward run, the output
+    stays fp32 and is close to the fp32 forward."""
+    moe = make_moe(seed=3)
+    x = torch.randn(2, 16, moe.router.gate.in_features)
+    ref, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = moe(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=5e-2, atol=5e-2)
+    y.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in moe.experts.parameters())
