@@ -124,6 +124,10 @@ def _cmd_bench(args) -> int:
         from pretrain.bench_checkpoint import main_checkpoint
 
         main_checkpoint(args.rest)
+    elif args.which == "gpu":
+        from pretrain.bench_gpu import main_gpu
+
+        main_gpu(args.rest)
     else:
         from pretrain.bench import main_scan
 
@@ -206,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("which", choices=["scan", "data", "step", "checkpoint"])
+    p.add_argument("which", choices=["scan", "data", "step", "checkpoint", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see liquid bench scan --help)")
     p.set_defaults(func=_cmd_bench)
 

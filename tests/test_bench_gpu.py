@@ -1,0 +1,171 @@
+"""`liquid bench gpu` at its quick sizes on the CPU: the JSON lines' schema per section, the FLOP count of the
+step against flops.py, the summary's targets (null where not measured), plus the lookup tables and errors."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from pretrain.bench_gpu import (PRESET, QUICK_OVERRIDES, SLICE_LAYERS, SLICE_START, main_gpu, parse_args,
+                                peak_bandwidth, scan_bytes, slice_overrides)
+from pretrain.cli import main as cli_main
+from pretrain.config import load_config
+from pretrain.train.flops import flops_per_token
+
+QUICK_SEQS, QUICK_MEMORY_SEQS, QUICK_STEP_SEQ = (256, 512), (256, 512, 1024), 256
+SINGLE = ["parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick CPU run shared by the tests below: (returned lines, stdout, stderr, the --out file)."""
+    out_file = tmp_path_factory.mktemp("bench_gpu") / "lines.jsonl"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returned = main_gpu(["--quick", "--device", "cpu", "--out", str(out_file)])
+    return returned, stdout.getvalue(), stderr.getvalue(), out_file.read_text()
+
+
+def _lines(quick_run):
+    return quick_run[0]
+
+
+def test_stdout_is_one_json_line_per_measurement_then_the_summary(quick_run):
+    returned, out, err, written = quick_run
+    printed = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert printed == json.loads(json.dumps(returned))
+    assert [json.loads(line) for line in written.splitlines()] == printed  # --out appends the same lines
+    assert [d["section"] for d in printed][-1] == "summary"
+    assert sum(d["section"] == "summary" for d in printed) == 1
+    assert not [d for d in printed if "error" in d], "no measurement may fail at the quick sizes"
+    # Progress on stderr: a header, then one line per measurement.
+    assert sum(line.startswith("[bench gpu]") for line in err.splitlines()) == len(printed)
+
+
+def test_scan_section(quick_run):
+    scan = [d for d in _lines(quick_run) if d["section"] == "scan"]
+    by = {(d["case"], d.get("impl") or d.get("liquid_impl"), d["seq"]): d for d in scan}
+    assert len(by) == len(scan) == len(QUICK_SEQS) * 5  # liquid_scan x2 impls, sdpa, mixers x2 impls
+    for seq in QUICK_SEQS:
+        d = by[("liquid_scan", "pytorch", seq)]
+        assert d["seconds"] > 0 and all(r > 0 for r in d["runs"]) and d["tokens_per_s"] > 0
+        assert d["bytes"] == scan_bytes(1, seq, d["heads"], d["key_dim"], d["value_dim"])
+        assert d["bytes_per_s"] == pytest.approx(d["bytes"] / d["seconds"], rel=1e-3)
+        assert d["flops_per_s"] == pytest.approx(d["flops"] / d["seconds"], rel=1e-3)
+        assert d["peak_bandwidth"] is None and d["bandwidth_fraction"] is None  # CPU: unknown peak
+        assert (d["heads"], d["key_dim"], d["value_dim"], d["chunk_size"]) == (2, 16, 32, 32)  # --quick widths
+        assert "CUDA" in by[("liquid_scan", "triton", seq)]["skipped"]
+        assert "CUDA" in by[("mixers", "triton", seq)]["skipped"]
+        s = by[("sdpa", None, seq)]
+        assert s["seconds"] > 0 and s["flops"] == 6 * seq * s["heads"] * s["head_dim"] * seq
+        assert isinstance(s["backend"], (str, type(None)))
+        mx = by[("mixers", "pytorch", seq)]
+        assert mx["liquid_seconds"] > 0 and mx["attention_seconds"] > 0
+        assert mx["liquid_faster_than_attention"] == (mx["liquid_seconds"] < mx["attention_seconds"])
+
+
+def test_step_section_counts_flops_as_flops_py(quick_run):
+    (step,) = [d for d in _lines(quick_run) if d["section"] == "step"]
+    preset = load_config(PRESET, SINGLE).model
+    assert step["layer_types"] == preset.layer_types()[SLICE_START:SLICE_START + SLICE_LAYERS]
+    assert step["ffn_types"] == ["moe"] * SLICE_LAYERS
+    # The slice rebuilt independently: the quick widths plus the layer selection.
+    sliced = load_config(PRESET, QUICK_OVERRIDES + SINGLE + [
+        f"model.num_layers={SLICE_LAYERS}", "model.attention_layers=[2]", "model.dense_layers=0"]).model
+    assert step["flops_per_token"] == flops_per_token(sliced, QUICK_STEP_SEQ)
+    assert step["seq"] == QUICK_STEP_SEQ and step["batch"] == 1
+    assert step["step_seconds"] > 0 and step["fwd_bwd_seconds"] > 0 and step["optimizer_seconds"] >= 0
+    assert step["tokens_per_s"] == pytest.approx(QUICK_STEP_SEQ / step["step_seconds"], rel=1e-3)
+    assert step["mfu"] is None and step["mfu_fwd_bwd"] is None and step["peak_flops"] is None  # CPU
+    assert step["last_loss"] > 0 and len(step["runs"]) == 2
+
+
+def test_memory_section(quick_run):
+    memory = [d for d in _lines(quick_run) if d["section"] == "memory"]
+    assert [d["seq"] for d in memory] == list(QUICK_MEMORY_SEQS)
+    states = {d["liquid_state_bytes_per_layer"] for d in memory}
+    assert len(states) == 1 and states.pop() > 0  # constant in seq
+    kv = [d["attention_kv_bytes_per_layer"] for d in memory]
+    assert kv == sorted(kv) and kv[-1] == 4 * kv[0]  # linear in seq
+    for d in memory:
+        assert d["liquid_layers"] == 3 and d["attention_layers"] == 1 and d["estimated_bytes"] > 0
+        assert ("peak_bytes" in d) != ("skipped" in d)
+        if "peak_bytes" in d and d["peak_bytes"] is not None:
+            assert d["peak_bytes"] > 0
+
+
+def test_summary(quick_run):
+    summary = _lines(quick_run)[-1]
+    assert summary["device_type"] == "cpu" and summary["torch"] == torch.__version__ and summary["device"]
+    assert summary["quick"] is True and summary["mfu"] is None and summary["peak_bandwidth"] is None
+    assert summary["step_tokens_per_s"] > 0
+    assert summary["targets"] == {"mfu_at_least_0_40": None, "scan_bandwidth_at_least_0_60_of_peak": None,
+                                  "liquid_faster_than_flash_at_32768": None}
+
+
+def test_cli_dispatches_bench_gpu(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli_main(["bench", "gpu", "--help"])
+    assert err.value.code == 0
+    assert "liquid bench gpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, value", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H100 NVL", 3.9e12),
+    ("NVIDIA H200", 4.8e12), ("NVIDIA A100-SXM4-80GB", 2.039e12), ("NVIDIA A100 80GB PCIe", 1.935e12),
+    ("NVIDIA A100-SXM4-40GB", 1.555e12), ("NVIDIA GeForce RTX 4090", None), ("AMD EPYC 7B13", None),
+])
+def test_peak_bandwidth_lookup(name, value):
+    assert peak_bandwidth(name) == value
+
+
+def test_scan_byte_model():
+    # per token and head: 3 x (q, k, v in bf16 + fp32 log decay) + 2 x y; plus 2 x the fp32 state
+    assert scan_bytes(1, 1, 1, 64, 128) == 3 * ((64 + 64 + 128) * 2 + 4) + 2 * 128 * 2 + 2 * 64 * 128 * 4
+    assert scan_bytes(2, 10, 3, 4, 5) == 2 * 10 * 3 * (3 * (13 * 2 + 4) + 2 * 5 * 2) + 2 * 2 * 3 * 4 * 5 * 4
+
+
+def test_slice_is_one_period_of_the_preset():
+    preset = load_config(PRESET, SINGLE).model
+    sliced = load_config(PRESET, SINGLE + slice_overrides(preset)).model
+    assert sliced.layer_types() == ["liquid", "liquid", "attention", "liquid"] == preset.layer_types()[4:8]
+    assert sliced.ffn_types() == preset.ffn_types()[4:8] == ["moe"] * 4
+    assert (sliced.d_model, sliced.vocab_size, sliced.moe) == (preset.d_model, preset.vocab_size, preset.moe)
+    with pytest.raises(ValueError, match="not all in"):
+        slice_overrides(preset, start=22, count=4)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--sections", "scan,bogus"], "--sections"),
+    (["--seqs", "256,x"], "--seqs"),
+    (["--memory-seqs", "0"], "--memory-seqs"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_input_is_refused_clearly(argv, match, capsys):
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--device", "cpu", *argv])
+    assert err.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_cuda_requested_without_a_device(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_run_on_cuda_measures_every_case():
+    from pretrain.model import scan_triton
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        lines = main_gpu(["--quick", "--device", "cuda"])
+    triton_ok = scan_triton.triton_available()
+    assert not [d for d in lines if "error" in d]
+    # At the quick sizes nothing is skipped, except the Triton cases where triton is not importable.
+    assert not [d for d in lines if "skipped" in d and (triton_ok or "triton" not in d["skipped"])]
+    summary = lines[-1]
+    (step,) = [d for d in lines if d["section"] == "step"]
+    assert (step["mfu"] is None) == (summary["peak_flops"] is None)
+    assert all(d["peak_bytes"] > 0 for d in lines if d["section"] == "memory")
