@@ -89,8 +89,10 @@ def init_ray(cfg) -> None:
 
     # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
     # whose every process listens on 127.0.0.1 only.
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train's workers otherwise send every print() both to the stream
+    # and to the root logger, and the driver shows each line twice.
     ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **hang}})
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **hang}})
 
 
 def launch_ray(cfg, printer) -> dict:
