@@ -32,6 +32,8 @@ bench: $(STAMP)
 
 # Export checks against transformers 5 (its own environment): make check-export-hf5
 include Makefile.export
+# The GPU machine's checks (CUDA tests, NCCL equivalence runs, bench gpu): make gpu-check
+include Makefile.gpu
 
 clean: clean-hf5
 	rm -rf $(VENV) runs .pytest_cache
