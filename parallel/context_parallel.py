@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.model.layers import doc_ids, positions_in_doc
-from pretrain.model.mixers import AttentionMixer, ConvMixer, LiquidMixer
+from pretrain.model.mixers import AttentionMixer, ConvMixer, DocumentMask, LiquidMixer
 from pretrain.model.model import IGNORE_INDEX
 from pretrain.model.scan import DEFAULT_CHUNK_SIZE, liquid_scan
 
@@ -143,8 +143,8 @@ def context_parallel_halo(x: torch.Tensor, doc_start, width: int, *, group):
 # ---- attention ---------------------------------------------------------------------------------------
 
 def context_parallel_layout(doc_start, batch: int, seq: int, device, *, group):
-    """RoPE positions of this rank's queries in the global row [b, s], and the causal same-document mask
-    [b or 1, 1, s, (rank+1) * s] over the keys of ranks 0..rank (later keys are all masked)."""
+    """RoPE positions of this rank's queries in the global row [b, s], and the DocumentMask of those queries
+    (global positions rank * s .. (rank+1) * s - 1) over the keys of ranks 0..rank."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     first, end = rank * seq, (rank + 1) * seq
     global_start = None
@@ -152,12 +152,8 @@ def context_parallel_layout(doc_start, batch: int, seq: int, device, *, group):
         gathered = all_gather(doc_start.to(device=device, dtype=torch.uint8), group)  # [cp, b, s]
         global_start = gathered.movedim(0, 1).reshape(batch, size * seq).bool()
     positions = positions_in_doc(global_start, batch, size * seq, device)[:, first:end]
-    query = torch.arange(first, end, device=device)
-    mask = torch.arange(end, device=device)[None, :] <= query[:, None]  # [s, end]
     docs = doc_ids(global_start, batch, size * seq, device)
-    if docs is not None:
-        mask = mask & (docs[:, first:end, None] == docs[:, None, :end])
-    return positions, mask.expand(batch, seq, end)[:, None]
+    return positions, DocumentMask(None if docs is None else docs[:, :end], first, seq, device)
 
 
 def context_parallel_kv(k, v, *, group):

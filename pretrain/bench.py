@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
 
-CASES = ("chunked", "chunked_recompute", "reference", "sdpa", "elementwise")
+CASES = ("chunked", "chunked_recompute", "reference", "sdpa", "docs_dense", "docs_blocks", "elementwise")
+QUADRATIC = ("sdpa", "docs_dense")  # cases whose memory grows with seq^2
 SEED = 0
 _RESULT_PREFIX = "BENCH_RESULT "
 # Never start a measurement whose extrapolated peak memory exceeds this share of the memory available.
@@ -111,6 +112,22 @@ def _measure(spec: dict) -> dict:
 
         def loss_fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+    elif case in ("docs_dense", "docs_blocks"):
+        # Causal attention inside documents of doc_len tokens packed in the row: one [s, s] mask (dense) or
+        # the attention mixer's DocumentMask blocks (each query block over the keys it can see).
+        from pretrain.model.mixers import DocumentMask
+
+        inputs = _sdpa_inputs(batch, seq, spec["heads"], spec["key_dim"], spec["value_dim"], device)
+        starts = torch.zeros(batch, seq, dtype=torch.bool)
+        starts[:, ::spec["doc_len"]] = True
+        mask = DocumentMask(starts.long().cumsum(-1).to(device), 0, seq)
+
+        def loss_fn(q, k, v):
+            if case == "docs_dense":
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()).sum()
+            return sum(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=m).sum()
+                       for a, b, lo, hi, m in mask.blocks())
 
     else:
         if case == "elementwise":
@@ -223,7 +240,7 @@ def _sdpa_estimates(seq, heads, batch, last) -> str:
             f"{m_seconds:.3g} s at seq {m_seq} (an estimate, not measured); "
         )
     else:
-        reason = "no measured sdpa time to extrapolate from; "
+        reason = "no measured time of this case to extrapolate from; "
     return reason + f"an explicit float32 score matrix [batch*heads, seq, seq] would need {_gib(scores)} (estimate)"
 
 
@@ -240,6 +257,7 @@ def _progress(d: dict) -> None:
 def bench_scan(
     *,
     seqs=(1024, 4096, 16384, 65536),
+    cases=CASES,
     heads=16,
     key_dim=64,
     value_dim=128,
@@ -249,6 +267,7 @@ def bench_scan(
     sdpa_max_seq=16384,
     elementwise_channels=2048,
     elementwise_chunk_size=16,
+    doc_len=1024,
     repeats=3,
     time_budget_s=60.0,
     emit=print,
@@ -259,7 +278,9 @@ def bench_scan(
     A measured dict has case, seq, tokens_per_s (batch*seq / median seconds), seconds (median forward+backward
     time of the timed runs after one warm-up), peak_mem_mib, runs, wall_s (warm-up plus timed runs); a skipped
     one has case, seq and skipped (the reason). Each dict is passed to `emit` as soon as it exists.
-    Skips: reference above reference_max_seq; sdpa above sdpa_max_seq (with a stated estimate); larger seqs of
+    docs_dense and docs_blocks are causal attention inside packed documents of doc_len tokens (SDPA with one
+    [seq, seq] mask, and the attention mixer's DocumentMask.blocks). Skips: reference above reference_max_seq;
+    sdpa and docs_dense above sdpa_max_seq (with a stated estimate); larger seqs of
     a case after one measurement of it took longer than time_budget_s; a measurement whose peak memory,
     extrapolated from the largest measured seq of the case (quadratically for sdpa, linearly otherwise), would
     exceed MEM_FRACTION of the memory available now. `threads` (default torch.get_num_threads()) is set in
@@ -270,7 +291,7 @@ def bench_scan(
     base = dict(
         device=str(device), threads=threads, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
         chunk_size=chunk_size, elementwise_channels=elementwise_channels,
-        elementwise_chunk_size=elementwise_chunk_size, repeats=repeats,
+        elementwise_chunk_size=elementwise_chunk_size, doc_len=doc_len, repeats=repeats,
     )
     hard_timeout = max(_HARD_TIMEOUT_BUDGETS * time_budget_s, _HARD_TIMEOUT_MIN_S)
     baseline_kib = 0.0
@@ -281,14 +302,14 @@ def bench_scan(
         baseline_kib = got["peak_kib"]
 
     results = []
-    for case in CASES:
+    for case in cases:
         over_budget = None  # (seq, wall seconds) of the measurement that went over the budget
         last = None  # (seq, median seconds, peak bytes or None) of the largest measured seq
         for seq in sorted(seqs):
             reason = None
             if case == "reference" and seq > reference_max_seq:
                 reason = f"seq > reference_max_seq={reference_max_seq} (token-by-token loop)"
-            elif case == "sdpa" and seq > sdpa_max_seq:
+            elif case in QUADRATIC and seq > sdpa_max_seq:
                 reason = f"seq > sdpa_max_seq={sdpa_max_seq}; " + _sdpa_estimates(seq, heads, batch, last and last[:2])
             elif over_budget is not None:
                 reason = (
@@ -296,7 +317,7 @@ def bench_scan(
                     f"> time_budget_s={time_budget_s:g}"
                 )
             elif last is not None and last[2] is not None:
-                power = 2 if case == "sdpa" else 1
+                power = 2 if case in QUADRATIC else 1
                 est = last[2] * (seq / last[0]) ** power
                 avail = _available_bytes(device)
                 if avail is not None and est > MEM_FRACTION * avail:
@@ -305,7 +326,7 @@ def bench_scan(
                         f"extrapolation from the measured {_gib(last[2])} at seq {last[0]}; an estimate, "
                         f"not measured) exceeds {MEM_FRACTION:g} of the {_gib(avail)} available"
                     )
-                    if case == "sdpa":
+                    if case in QUADRATIC:
                         reason += "; " + _sdpa_estimates(seq, heads, batch, last[:2])
             if reason is None:
                 got = _run_child({**base, "case": case, "seq": seq}, hard_timeout)
@@ -358,6 +379,7 @@ def main_scan(argv=None) -> dict:
     """CLI: progress lines on stderr, exactly one JSON line on stdout. Returns the printed object."""
     p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=str, default=None, help="comma list (default 1024,4096,16384,65536)")
+    p.add_argument("--cases", type=str, default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--key-dim", type=int, default=64)
     p.add_argument("--value-dim", type=int, default=128)
@@ -369,6 +391,8 @@ def main_scan(argv=None) -> dict:
     p.add_argument("--elementwise-channels", type=int, default=2048)
     p.add_argument("--elementwise-chunk-size", type=int, default=16,
                    help="chunk of the N=P=1 case: its intra-chunk matrices cost chunk x channels per token")
+    p.add_argument("--doc-len", type=int, default=1024,
+                   help="document length of the docs_dense / docs_blocks attention cases")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per (case, seq) measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's own)")
     p.add_argument("--quick", action="store_true", help="seqs 256,1024 and repeats 1 unless given explicitly")
@@ -378,17 +402,22 @@ def main_scan(argv=None) -> dict:
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     seqs = tuple(int(s) for s in args.seqs.split(",") if s.strip())
-    if not seqs or min(seqs) < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        p.error("--seqs must list positive integers; --repeats and --threads must be >= 1")
+    if (not seqs or min(seqs) < 1 or args.repeats < 1 or args.doc_len < 1
+            or (args.threads is not None and args.threads < 1)):
+        p.error("--seqs must list positive integers; --repeats, --doc-len and --threads must be >= 1")
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = [c for c in cases if c not in CASES]
+    if not cases or unknown:
+        p.error(f"--cases: unknown {unknown or 'none given'}; choose from {', '.join(CASES)}")
     threads = args.threads or torch.get_num_threads()
-    config = dict(
+    config = dict(cases=list(cases), 
         seqs=list(seqs), heads=args.heads, key_dim=args.key_dim, value_dim=args.value_dim, batch=args.batch,
         chunk_size=args.chunk_size, reference_max_seq=args.reference_max_seq, sdpa_max_seq=args.sdpa_max_seq,
         elementwise_channels=args.elementwise_channels, elementwise_chunk_size=args.elementwise_chunk_size,
-        repeats=args.repeats, time_budget_s=args.time_budget,
+        doc_len=args.doc_len, repeats=args.repeats, time_budget_s=args.time_budget,
     )
     device = _device()
-    results = bench_scan(**{**config, "seqs": seqs}, emit=_progress, threads=threads)
+    results = bench_scan(**{**config, "seqs": seqs, "cases": cases}, emit=_progress, threads=threads)
     out = {
         "bench": "scan",
         "device": _device_name(device),

@@ -139,7 +139,7 @@ class AttentionMixer(nn.Module):
         self.q_norm = RMSNorm(self.hd, eps=norm_eps)
         self.k_norm = RMSNorm(self.hd, eps=norm_eps)
         # Hooks that context parallelism replaces: where this slice's queries sit among all keys.
-        self.layout = local_attention_layout  # (doc_start, batch, seq, device) -> (positions, mask or None)
+        self.layout = local_attention_layout  # (doc_start, b, seq, device) -> (positions, DocumentMask or None)
         self.gather_kv = local_kv  # (k, v) -> (k, v) of every key position the mask refers to
 
     def _qkv(self, x, positions):
@@ -150,11 +150,16 @@ class AttentionMixer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.hd, self.theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _attend(self, q, k, v, mask, is_causal):
-        rep = self.h // self.kv
+    def _attend(self, q, k, v, mask):
+        """mask None: plain causal attention (queries and keys aligned at 0); else a DocumentMask."""
+        gqa = self.h != self.kv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=rep > 1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
+                                                            attn_mask=block_mask, enable_gqa=gqa)
+                             for a, b, lo, hi, block_mask in mask.blocks()], dim=2)
         b, _, s, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, s, self.h * self.hd))
 
@@ -163,7 +168,7 @@ class AttentionMixer(nn.Module):
         positions, mask = self.layout(doc_start, b, s, x.device)
         q, k, v = self._qkv(x, positions)
         k, v = self.gather_kv(k, v)
-        return self._attend(q, k, v, mask, mask is None)
+        return self._attend(q, k, v, mask)
 
     def init_state(self, batch, device, dtype):
         empty = torch.zeros(batch, 0, self.kv, self.hd, device=device, dtype=dtype)
@@ -176,18 +181,62 @@ class AttentionMixer(nn.Module):
         state["k"] = torch.cat([state["k"], k], dim=1)
         state["v"] = torch.cat([state["v"], v], dim=1)
         state["pos"] += 1
-        return self._attend(q, state["k"], state["v"], None, False), state
+        return self._attend(q, state["k"], state["v"], DocumentMask(None, state["pos"] - 1, 1, x.device)), state
+
+
+ATTENTION_BLOCK = 2048  # queries per block of document-masked attention (DocumentMask.blocks)
+
+
+class DocumentMask:
+    """Causal attention inside documents for the queries at positions q_offset .. q_offset + q_len - 1 of a
+    row whose keys are at positions 0 .. q_offset + q_len - 1 (q_offset > 0: a context-parallel slice, or
+    one generated token). docs [b, q_offset + q_len]: the document index of every position, nondecreasing
+    along the row (None: the row is one document; then `device` places the masks).
+
+    `blocks()` splits the queries into blocks of ATTENTION_BLOCK and gives each only the keys it can see: from
+    the start of the document its first query is in (the earliest over the batch) up to its last query.
+    A dense [s, s] mask is never built: memory is one block's mask, [b, 1, block, keys], and compute skips
+    every key before a block's first document, so packed short documents cost close to linear time."""
+
+    def __init__(self, docs: torch.Tensor | None, q_offset: int, q_len: int, device=None):
+        self.docs, self.q_offset, self.q_len = docs, q_offset, q_len
+        self.device = docs.device if docs is not None else device
+
+    def blocks(self, block: int | None = None):
+        """(a, b, lo, hi, mask): queries a..b-1 (local indices) see keys lo..hi-1 through mask [b|1, 1, b-a, hi-lo]."""
+        block = block or ATTENTION_BLOCK
+        firsts = list(range(0, self.q_len, block))
+        if self.docs is None:
+            starts = [0] * len(firsts)
+        else:  # where the document of each block's first query starts, earliest over the batch (one sync)
+            first_docs = self.docs[:, [self.q_offset + a for a in firsts]]
+            starts = torch.searchsorted(self.docs, first_docs).amin(0).tolist()
+        for a, lo in zip(firsts, starts):
+            b = min(a + block, self.q_len)
+            hi = self.q_offset + b
+            query = torch.arange(self.q_offset + a, hi, device=self.device)[:, None]
+            key = torch.arange(lo, hi, device=query.device)[None, :]
+            mask = key <= query  # [b-a, hi-lo]
+            if self.docs is not None:
+                mask = mask & (self.docs[:, self.q_offset + a:hi, None] == self.docs[:, None, lo:hi])
+            yield a, b, lo, hi, (mask if mask.dim() == 3 else mask[None])[:, None]
+
+    def dense(self) -> torch.Tensor:
+        """The whole mask [b|1, 1, q_len, q_offset + q_len] (tests compare blocks() against it)."""
+        total = self.q_offset + self.q_len
+        query = torch.arange(self.q_offset, total, device=self.device)[:, None]
+        mask = torch.arange(total, device=query.device)[None, :] <= query
+        if self.docs is not None:
+            mask = mask & (self.docs[:, self.q_offset:, None] == self.docs[:, None, :])
+        return (mask if mask.dim() == 3 else mask[None])[:, None]
 
 
 def local_attention_layout(doc_start, batch: int, seq: int, device):
-    """positions [b, s] restarting at every document, and the causal same-document mask [b, 1, s, s]
-    (None when the row is one document: plain causal attention)."""
+    """positions [b, s] restarting at every document, and the DocumentMask of the row (None when the row is
+    one document: plain causal attention)."""
     positions = positions_in_doc(doc_start, batch, seq, device)
     docs = doc_ids(doc_start, batch, seq, device)
-    if docs is None:
-        return positions, None
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    return positions, (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
+    return positions, (None if docs is None else DocumentMask(docs, 0, seq))
 
 
 def local_kv(k, v):

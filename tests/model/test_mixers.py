@@ -219,3 +219,51 @@ def test_doc_start_shape_is_checked(kind):
     if kind != "attention":
         with pytest.raises(ValueError, match="doc_start"):
             mixer(x, doc_start=torch.zeros(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("q_offset", [0, 37])
+@pytest.mark.parametrize("block", [7, 16, 1000])
+def test_document_mask_blocks_equal_the_dense_mask(q_offset, block, monkeypatch):
+    """Attention over a DocumentMask's blocks (only the keys each block can see, never a [s, s] mask) equals
+    one SDPA call with the dense causal same-document mask: outputs and gradients, for a row of its own
+    (q_offset 0) and for a context-parallel slice (queries at 37.., keys from 0), rows with different
+    documents, documents longer and shorter than a block, GQA."""
+    import torch.nn.functional as F
+
+    from pretrain.model import mixers
+
+    g = torch.Generator().manual_seed(4)
+    b, heads, kv, hd, s_q = 2, 4, 2, 8, 90
+    total = q_offset + s_q
+    doc_start = torch.rand(b, total, generator=g) < 0.06
+    doc_start[1, 10:60] = False  # one document across several blocks
+    doc_start[:, 0] = True
+    docs = doc_start.long().cumsum(-1)
+    mask = mixers.DocumentMask(docs, q_offset, s_q)
+    q = torch.randn(b, heads, s_q, hd, generator=g, requires_grad=True)
+    k = torch.randn(b, kv, total, hd, generator=g, requires_grad=True)
+    v = torch.randn(b, kv, total, hd, generator=g, requires_grad=True)
+    dout = torch.randn(b, heads, s_q, hd, generator=g)
+
+    def grads(out):
+        return [out.detach()] + list(torch.autograd.grad(out, (q, k, v), dout))
+
+    ref = grads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), enable_gqa=True))
+    pieces = list(mask.blocks(block))
+    assert [p[:2] for p in pieces] == [(a, min(a + block, s_q)) for a in range(0, s_q, block)]
+    assert all(hi == q_offset + bb and mk.shape[-2:] == (bb - a, hi - lo) for a, bb, lo, hi, mk in pieces)
+    for a, _, lo, _, _ in pieces:  # a block's keys start where its first query's document starts (earliest row)
+        assert lo == min(int((docs[r] == docs[r, q_offset + a]).nonzero()[0]) for r in range(b))
+    assert block > s_q or any(lo > 0 for _, _, lo, _, _ in pieces)  # keys before a document are skipped
+    out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:bb], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mk,
+                                                    enable_gqa=True) for a, bb, lo, hi, mk in pieces], dim=2)
+    for got, want in zip(grads(out), ref):
+        assert_close(got, want)
+
+    # The mixer itself: small blocks give the same output as one block covering the row.
+    x = torch.randn(b, total, D_MODEL, generator=g)
+    mixer = make_mixer("attention")
+    monkeypatch.setattr(mixers, "ATTENTION_BLOCK", 10_000)
+    whole = mixer(x, doc_start=doc_start)
+    monkeypatch.setattr(mixers, "ATTENTION_BLOCK", block)
+    assert_close(mixer(x, doc_start=doc_start), whole)
