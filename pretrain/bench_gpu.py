@@ -29,8 +29,8 @@ step: a training step of a slice of the preset: layers SLICE_START .. SLICE_STAR
   liquid, liquid, attention, liquid; all MoE, so one period of the repeating layer pattern without the
   dense first layers), every width, expert and the vocabulary as in the preset, all experts local
   (dp = ep = cp = 1), seq `--step-seq` (4096) x batch `--batch` (1), one document per row (attention takes
-  its causal path; the loader's batches carry doc_start, with which AttentionMixer builds an explicit
-  [seq, seq] mask instead), the scan as liquid_scan dispatches it (LIQUID_SCAN_TRITON=1 selects the Triton
+  its causal path, flash where the device has it; the loader's batches carry doc_start, with which
+  AttentionMixer attends block by block under a DocumentMask instead), the scan as liquid_scan dispatches it (LIQUID_SCAN_TRITON=1 selects the Triton
   forward on CUDA; reported as liquid_scan_impl). Precision as the preset trains (train.dtype=bf16 on its
   multi-rank DeepSpeed engine): bf16 weights and gradients under bf16 autocast, fp32 master weights and
   AdamW state, gradient clipping (Bf16MasterEngine); the step is `_micro_step` + `update_router_biases` +
