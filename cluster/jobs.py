@@ -51,13 +51,14 @@ CONNECT_TIMEOUT_S = 5.0
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # Never uploaded: environments, outputs, VCS data, caches.
-EXCLUDED_TOP = {".venv", ".venv-hf5", ".venv-hf5.tmp", "venv", "runs", ".git", "bench-results", "build", "dist",
+EXCLUDED_TOP = {".venv", ".venv-hf5", ".venv-hf5.tmp", "venv", "runs", ".git", "bench-results", "gpu-results", "build", "dist",
                 JOB_DIR}
 EXCLUDED_ANYWHERE = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".cache", ".ipynb_checkpoints",
                      ".DS_Store"}
 # Set by launch.py's own ray.init(runtime_env=...): the same key in the job's env_vars makes Ray refuse to merge
 # the two runtime environments ("Failed to merge the Job's runtime env ...").
-DRIVER_ENV_KEYS = {"PYTHONUNBUFFERED", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"}
+# (cluster/launch.py's WORKER_ENV and HEALTH_CHECK_ENV, not imported: it would import torch into every job command.)
+DRIVER_ENV_KEYS = {"PYTHONUNBUFFERED", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"}
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY", re.I)
 TOKEN_HELP = ("Copy the cluster's token (on the head node: the file ~/.ray/auth_token, or the output of "

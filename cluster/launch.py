@@ -73,6 +73,12 @@ class _MetricsFollower(threading.Thread):
                     self.printer(record)
 
 
+# The environment of every Ray worker process. RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train's workers otherwise
+# send every print() both to the stream and to the root logger, and the driver shows each line twice.
+WORKER_ENV = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+HEALTH_CHECK_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"  # = cluster.collective_timeout_s
+
+
 def init_ray(cfg) -> None:
     """Start or join Ray (once). Called before the driver installs its SIGTERM handler: ray.init() installs
     its own, which would replace ours."""
@@ -83,16 +89,14 @@ def init_ray(cfg) -> None:
         return
     # A hung worker fails the job's attempt within collective_timeout_s two ways: its peers' collectives
     # time out (the process group's timeout), and Ray Train's controller stops waiting for its status.
-    hang = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": str(c.collective_timeout_s)}
+    hang = {HEALTH_CHECK_ENV: str(c.collective_timeout_s)}
     os.environ.update(hang)  # read by the train controller of a local cluster started here
     from cluster.safety import ray_init_kwargs
 
     # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
     # whose every process listens on 127.0.0.1 only.
-    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train's workers otherwise send every print() both to the stream
-    # and to the root logger, and the driver shows each line twice.
     ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **hang}})
+             runtime_env={"env_vars": {**WORKER_ENV, **hang}})
 
 
 def launch_ray(cfg, printer) -> dict:

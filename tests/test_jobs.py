@@ -81,6 +81,18 @@ def test_token_and_address_lookup(tmp_path):
         resolve_address(None, environ={"RAY_ADDRESS": "auto"})
 
 
+def test_the_job_env_leaves_the_drivers_own_keys_alone():
+    """A key the driver's ray.init sets in its runtime env must not also be in the job's (Ray refuses to
+    merge the two), so --env refuses exactly those."""
+    from cluster.jobs import DRIVER_ENV_KEYS, _parse_env
+    from cluster.launch import HEALTH_CHECK_ENV, WORKER_ENV
+
+    assert DRIVER_ENV_KEYS == {*WORKER_ENV, HEALTH_CHECK_ENV}
+    for key in DRIVER_ENV_KEYS:
+        with pytest.raises(ValueError, match=f"--env {key}: set by liquid itself"):
+            _parse_env([f"{key}=1"])
+
+
 def test_the_upload_holds_the_project_and_the_config_only(tmp_path):
     stage = stage_working_dir("run:\n  name: x\n", tmp_path)
     names = {p.relative_to(stage).as_posix() for p in stage.rglob("*")}
