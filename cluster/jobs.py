@@ -51,8 +51,8 @@ CONNECT_TIMEOUT_S = 5.0
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # Never uploaded: environments, outputs, VCS data, caches.
-EXCLUDED_TOP = {".venv", ".venv-hf5", ".venv-hf5.tmp", "venv", "runs", ".git", "bench-results", "gpu-results", "build", "dist",
-                JOB_DIR}
+EXCLUDED_TOP = {".venv", ".venv-hf5", ".venv-hf5.tmp", "venv", "runs", ".git", "bench-results", "gpu-results",
+                "build", "dist", JOB_DIR}
 EXCLUDED_ANYWHERE = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".cache", ".ipynb_checkpoints",
                      ".DS_Store"}
 # Set by launch.py's own ray.init(runtime_env=...): the same key in the job's env_vars makes Ray refuse to merge
