@@ -41,7 +41,9 @@ step: a training step of a slice of the preset: layers SLICE_START .. SLICE_STAR
   tokens (grad accumulation, ZeRO-sharded state), so the two bracket it.
 
 memory: peak memory of one forward+backward of the same slice (bf16 weights) at each of `--memory-seqs`
-  (4096, 32768, 131072; batch 1, CP=1); out of memory is reported per seq. Each line also gives the size
+  (4096, 32768, 131072; batch 1, CP=1), once as one document (doc_len null) and once as packed documents
+  of `--doc-len` tokens (4096; the way the loader's rows come, attention under a DocumentMask) where
+  doc_len < seq; out of memory is reported per line. Each line also gives the size
   of one liquid layer's recurrent state (constant in seq) next to one attention layer's K/V cache at that
   seq, and an estimate (weights + gradients + pretrain.train.plan.activation_bytes); on the CPU a seq whose
   estimate exceeds MEM_FRACTION of the available memory is skipped.
@@ -75,9 +77,11 @@ from pretrain.train.flops import (_mixer_params, attention_flops_per_token, coun
 PRESET = "liquid-8b-a1b"
 SLICE_START, SLICE_LAYERS = 4, 4
 SECTIONS = ("scan", "step", "memory")
-DEFAULTS = {"seqs": (4096, 8192, 16384, 32768, 65536), "memory_seqs": (4096, 32768, 131072), "step_seq": 4096,
+DEFAULTS = {"seqs": (4096, 8192, 16384, 32768, 65536), "memory_seqs": (4096, 32768, 131072), "doc_len": 4096,
+            "step_seq": 4096,
             "steps": 10, "warmup": 3, "repeats": 5}
-QUICK = {"seqs": (256, 512), "memory_seqs": (256, 512, 1024), "step_seq": 256, "steps": 2, "warmup": 1,
+QUICK = {"seqs": (256, 512), "memory_seqs": (256, 512, 1024), "doc_len": 128, "step_seq": 256, "steps": 2,
+         "warmup": 1,
          "repeats": 1}
 # --quick: the preset with tiny widths, a tiny vocabulary and few experts.
 QUICK_OVERRIDES = ["model.vocab_size=512", "model.d_model=128", "model.dense_dim=256", "model.liquid.heads=2",
@@ -616,9 +620,9 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
     facts = {"batch": 1, "layer_types": m.layer_types(), "liquid_scan_impl": dispatched_scan_impl(device),
              "liquid_state_bytes_per_layer": sum(t.numel() * t.element_size() for t in state.values()),
              "liquid_layers": len(liquid), "attention_layers": sum(isinstance(x, AttentionMixer) for x in mixers)}
-    for seq in args.memory_seqs:
+    for seq, doc_len in [(seq, d) for seq in args.memory_seqs for d in (None, args.doc_len) if d is None or d < seq]:
         a = m.attention
-        head = {"section": "memory", "seq": seq, **facts,
+        head = {"section": "memory", "seq": seq, "doc_len": doc_len, **facts,
                 "attention_kv_bytes_per_layer": 2 * seq * a.kv_heads * a.head_dim * 2,  # bf16 K and V cache
                 "logits_bytes": seq * m.vocab_size * 4,  # fp32 logits of the loss
                 "estimated_bytes": _estimate_bytes(m, seq)}
@@ -631,11 +635,13 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
                                      f"{_gib(avail)} available (an estimate, not measured)"})
             continue
         data = _random_batch(m.vocab_size, 1, seq, device)
+        if doc_len is not None:
+            data["doc_start"] = (torch.arange(seq, device=device) % doc_len == 0)[None]
 
         def go():
             with _PeakMemory(device) as mem:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    out = model(data["input_ids"], labels=data["labels"])
+                    out = model(data["input_ids"], labels=data["labels"], doc_start=data["doc_start"])
                 out.loss.backward()
             return mem
 
@@ -717,6 +723,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of scan, step, memory (default all)")
     p.add_argument("--seqs", default=None, help="scan section seqs, comma list (default 4096,...,65536)")
     p.add_argument("--memory-seqs", default=None, help="memory section seqs (default 4096,32768,131072)")
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="memory section: also packed documents of this many tokens (default 4096)")
     p.add_argument("--step-seq", type=int, default=None, help="step section seq (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="step section rows per step (default 1)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10)")
@@ -725,7 +733,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
-    for key in ("step_seq", "steps", "warmup", "repeats"):
+    for key in ("step_seq", "steps", "warmup", "repeats", "doc_len"):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     for key, flag in (("seqs", "--seqs"), ("memory_seqs", "--memory-seqs")):
@@ -739,8 +747,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not sections or bad:
         p.error(f"--sections: unknown {bad or 'none given'}; choose from {', '.join(SECTIONS)}")
     args.sections = sections
-    if min(args.step_seq, args.batch, args.steps, args.repeats) < 1 or args.warmup < 0:
-        p.error("--step-seq, --batch, --steps and --repeats must be >= 1, --warmup >= 0")
+    if min(args.step_seq, args.batch, args.steps, args.repeats, args.doc_len) < 1 or args.warmup < 0:
+        p.error("--step-seq, --batch, --steps, --repeats and --doc-len must be >= 1, --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -83,10 +83,10 @@ def test_step_section_counts_flops_as_flops_py(quick_run):
 
 def test_memory_section(quick_run):
     memory = [d for d in _lines(quick_run) if d["section"] == "memory"]
-    assert [d["seq"] for d in memory] == list(QUICK_MEMORY_SEQS)
+    assert [(d["seq"], d["doc_len"]) for d in memory] == [(s, d) for s in QUICK_MEMORY_SEQS for d in (None, 128)]
     states = {d["liquid_state_bytes_per_layer"] for d in memory}
     assert len(states) == 1 and states.pop() > 0  # constant in seq
-    kv = [d["attention_kv_bytes_per_layer"] for d in memory]
+    kv = [d["attention_kv_bytes_per_layer"] for d in memory if d["doc_len"] is None]
     assert kv == sorted(kv) and kv[-1] == 4 * kv[0]  # linear in seq
     for d in memory:
         assert d["liquid_layers"] == 3 and d["attention_layers"] == 1 and d["estimated_bytes"] > 0
