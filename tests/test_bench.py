@@ -8,7 +8,7 @@ def test_main_scan_quick_schema(capsys):
     argv = [
         "--quick", "--seqs", "64,128", "--heads", "2", "--key-dim", "8", "--value-dim", "8",
         "--elementwise-channels", "16", "--chunk-size", "16", "--repeats", "1",
-        "--reference-max-seq", "64", "--sdpa-max-seq", "64",
+        "--reference-max-seq", "64", "--sdpa-max-seq", "64", "--doc-len", "16",
     ]
     returned = main_scan(argv)
     captured = capsys.readouterr()
@@ -41,6 +41,10 @@ def test_main_scan_quick_schema(capsys):
     assert "reference_max_seq" in by_key[("reference", 128)]["skipped"]
     sdpa_skip = by_key[("sdpa", 128)]["skipped"]
     assert "estimate" in sdpa_skip and "quadratic" in sdpa_skip and "GiB" in sdpa_skip
+    # Attention in packed documents: the dense [seq, seq] mask is quadratic like sdpa; the blocks are not.
+    assert "sdpa_max_seq" in by_key[("docs_dense", 128)]["skipped"]
+    assert "tokens_per_s" in by_key[("docs_blocks", 128)]
+    assert out["config"]["doc_len"] == 16 and out["config"]["cases"] == list(CASES)
 
     assert set(out["summary"]) == {
         "chunked_vs_sdpa_at_4096", "chunked_16384_over_4096_time", "chunked_65536_peak_mem_gib",
@@ -48,3 +52,11 @@ def test_main_scan_quick_schema(capsys):
     assert all(v is None for v in out["summary"].values())  # none of those seqs was run
     # Progress goes to stderr, one line per (case, seq).
     assert sum("[bench scan]" in line for line in captured.err.splitlines()) == len(CASES) * 2
+
+
+def test_cases_are_chosen_and_unknown_ones_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main_scan(["--cases", "chunked,bogus"])
+    assert "--cases: unknown ['bogus']" in capsys.readouterr().err
