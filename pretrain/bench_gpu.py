@@ -491,6 +491,14 @@ def bench_scan(cfg, device: torch.device, args, emit) -> None:
 # ---- sections step and memory ---------------------------------------------------------------------------
 
 
+def bf16_parameters(model):
+    """The parameters in bf16, the buffers (the routers' expert bias and token counts) left in fp32, as
+    DeepSpeed's bf16 mode leaves them (tests/distributed/test_engine.py checks it there)."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
 class Bf16MasterEngine:
     """The engine interface the training loop uses (grad_accum, backward, step) for bf16 weights and
     gradients with fp32 master weights and AdamW state: DeepSpeed's bf16 mode (parallel/engine.py
@@ -503,7 +511,7 @@ class Bf16MasterEngine:
         from pretrain.train.optim import param_groups
 
         masters = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-        model.to(torch.bfloat16)
+        bf16_parameters(model)
         name_of = {id(p): n for n, p in model.named_parameters()}
         groups = [{**g, "params": [masters[name_of[id(p)]] for p in g["params"]]}
                   for g in param_groups(model, optim_cfg.weight_decay)]
@@ -613,7 +621,7 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
 
     m = cfg.model
     torch.manual_seed(SEED)
-    model, fail = _attempt(lambda: build_model(m, device).to(torch.bfloat16).train(), device)
+    model, fail = _attempt(lambda: bf16_parameters(build_model(m, device)).train(), device)
     mixers = [layer.mixer for layer in model.layers] if model is not None else []
     liquid = [x for x in mixers if isinstance(x, LiquidMixer)]
     state = liquid[0].init_state(1, device, torch.bfloat16) if liquid else {}

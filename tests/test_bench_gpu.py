@@ -169,3 +169,12 @@ def test_quick_run_on_cuda_measures_every_case():
     (step,) = [d for d in lines if d["section"] == "step"]
     assert (step["mfu"] is None) == (summary["peak_flops"] is None)
     assert all(d["peak_bytes"] > 0 for d in lines if d["section"] == "memory")
+
+
+def test_bf16_parameters_keep_the_router_buffers_fp32():
+    from pretrain.bench_gpu import bf16_parameters
+    from pretrain.model.model import build_model
+
+    model = bf16_parameters(build_model(load_config("tiny").model))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for n, b in model.named_buffers() if "expert" in n} == {torch.float32}

@@ -87,7 +87,9 @@ def _train_step(engine, model, micro_batches, *, loss_of, after_backward) -> dic
     return _plain({"loss": loss, "grads": grads, "norm": norm, "lr": engine.lr, "counts": counts,
                    "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
                    "biases": [m.router.expert_bias.clone() for m in model.moe_layers()],
-                   "dtypes": {str(p.dtype) for p in model.parameters()}})
+                   "dtypes": {str(p.dtype) for p in model.parameters()},
+                   "router_buffer_dtypes": {str(m.router.expert_bias.dtype) for m in model.moe_layers()}
+                   | {str(m.tokens_per_expert.dtype) for m in model.moe_layers()}})
 
 
 def _reference():
@@ -248,6 +250,8 @@ def test_bf16_runs_close_to_fp32(reference, two_ranks):
         for r in ranks:
             assert abs(r["norm"] - ref["norm"]) < 2e-2 * ref["norm"]
             assert r["dtypes"] == {"torch.bfloat16"}
+            # The balancing state stays fp32: bf16 would drop bias steps of 1e-3 and round token counts.
+            assert r["router_buffer_dtypes"] == {"torch.float32"}
 
 
 def test_one_rank_keeps_the_local_engine():
