@@ -150,12 +150,13 @@ class AttentionMixer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.hd, self.theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _attend(self, q, k, v, mask):
-        """mask None: plain causal attention (queries and keys aligned at 0); else a DocumentMask."""
+    def _attend(self, q, k, v, mask, causal=True):
+        """mask None: plain causal attention (queries and keys aligned at 0), or every key with causal=False
+        (one generated token); else a DocumentMask."""
         gqa = self.h != self.kv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hd]
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
                                                             attn_mask=block_mask, enable_gqa=gqa)
@@ -181,7 +182,7 @@ class AttentionMixer(nn.Module):
         state["k"] = torch.cat([state["k"], k], dim=1)
         state["v"] = torch.cat([state["v"], v], dim=1)
         state["pos"] += 1
-        return self._attend(q, state["k"], state["v"], DocumentMask(None, state["pos"] - 1, 1, x.device)), state
+        return self._attend(q, state["k"], state["v"], None, causal=False), state
 
 
 ATTENTION_BLOCK = 2048  # queries per block of document-masked attention (DocumentMask.blocks)
@@ -189,8 +190,8 @@ ATTENTION_BLOCK = 2048  # queries per block of document-masked attention (Docume
 
 class DocumentMask:
     """Causal attention inside documents for the queries at positions q_offset .. q_offset + q_len - 1 of a
-    row whose keys are at positions 0 .. q_offset + q_len - 1 (q_offset > 0: a context-parallel slice, or
-    one generated token). docs [b, q_offset + q_len]: the document index of every position, nondecreasing
+    row whose keys are at positions 0 .. q_offset + q_len - 1 (q_offset > 0: a context-parallel slice).
+    docs [b, q_offset + q_len]: the document index of every position, nondecreasing
     along the row (None: the row is one document; then `device` places the masks).
 
     `blocks()` splits the queries into blocks of ATTENTION_BLOCK and gives each only the keys it can see: from
@@ -213,21 +214,19 @@ class DocumentMask:
             starts = torch.searchsorted(self.docs, first_docs).amin(0).tolist()
         for a, lo in zip(firsts, starts):
             b = min(a + block, self.q_len)
-            hi = self.q_offset + b
-            query = torch.arange(self.q_offset + a, hi, device=self.device)[:, None]
-            key = torch.arange(lo, hi, device=query.device)[None, :]
-            mask = key <= query  # [b-a, hi-lo]
-            if self.docs is not None:
-                mask = mask & (self.docs[:, self.q_offset + a:hi, None] == self.docs[:, None, lo:hi])
-            yield a, b, lo, hi, (mask if mask.dim() == 3 else mask[None])[:, None]
+            yield a, b, lo, self.q_offset + b, self._mask(a, b, lo)
 
     def dense(self) -> torch.Tensor:
         """The whole mask [b|1, 1, q_len, q_offset + q_len] (tests compare blocks() against it)."""
-        total = self.q_offset + self.q_len
-        query = torch.arange(self.q_offset, total, device=self.device)[:, None]
-        mask = torch.arange(total, device=query.device)[None, :] <= query
+        return self._mask(0, self.q_len, 0)
+
+    def _mask(self, a: int, b: int, lo: int) -> torch.Tensor:
+        """Queries a..b-1 (local) over keys lo..q_offset+b-1: [b|1, 1, b-a, q_offset+b-lo]."""
+        hi = self.q_offset + b
+        query = torch.arange(self.q_offset + a, hi, device=self.device)[:, None]
+        mask = torch.arange(lo, hi, device=query.device)[None, :] <= query
         if self.docs is not None:
-            mask = mask & (self.docs[:, self.q_offset:, None] == self.docs[:, None, :])
+            mask = mask & (self.docs[:, self.q_offset + a:hi, None] == self.docs[:, None, lo:hi])
         return (mask if mask.dim() == 3 else mask[None])[:, None]
 
 
