@@ -126,8 +126,7 @@ def _measure(spec: dict) -> dict:
         def loss_fn(q, k, v):
             if case == "docs_dense":
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()).sum()
-            return sum(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=m).sum()
-                       for a, b, lo, hi, m in mask.blocks())
+            return mask.attend(q, k, v).sum()
 
     else:
         if case == "elementwise":

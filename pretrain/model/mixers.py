@@ -158,9 +158,7 @@ class AttentionMixer(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
-                                                            attn_mask=block_mask, enable_gqa=gqa)
-                             for a, b, lo, hi, block_mask in mask.blocks()], dim=2)
+            out = mask.attend(q, k, v, enable_gqa=gqa)
         b, _, s, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, s, self.h * self.hd))
 
@@ -215,6 +213,12 @@ class DocumentMask:
         for a, lo in zip(firsts, starts):
             b = min(a + block, self.q_len)
             yield a, b, lo, self.q_offset + b, self._mask(a, b, lo)
+
+    def attend(self, q, k, v, *, enable_gqa: bool = False) -> torch.Tensor:
+        """SDPA block by block: q [b, heads, q_len, d], k and v [b, kv_heads, q_offset + q_len, d]."""
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
+                                                         attn_mask=mask, enable_gqa=enable_gqa)
+                          for a, b, lo, hi, mask in self.blocks()], dim=2)
 
     def dense(self) -> torch.Tensor:
         """The whole mask [b|1, 1, q_len, q_offset + q_len] (tests compare blocks() against it)."""
