@@ -78,11 +78,11 @@ def _sdpa_inputs(batch, seq, heads, n, p, device):
     return [t.to(device).requires_grad_() for t in (q, k, v)]
 
 
-def _sdpa_backend(q, k, v) -> str | None:
+def _sdpa_backend(q, k, v, *, enable_gqa: bool = False) -> str | None:
     try:  # private API; only used to label the result
         from torch.nn.attention import SDPBackend
 
-        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, is_causal=True))).name
+        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=enable_gqa))).name
     except Exception:
         return None
 

@@ -69,7 +69,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench import MEM_FRACTION, _available_bytes, _device_name, _sync
+from pretrain.bench import MEM_FRACTION, _available_bytes, _device_name, _gib, _sdpa_backend, _sync
 from pretrain.config import load_config
 from pretrain.train.flops import (_mixer_params, attention_flops_per_token, count_params, flops_per_token,
                                   peak_flops, scan_flops_per_token)
@@ -266,10 +266,6 @@ def _time(run, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return runs
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.3g} GiB"
-
-
 def _sig(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else float(f"{x:.{digits}g}")
 
@@ -335,22 +331,13 @@ def _scan_run(scan, lc, batch: int, seq: int, device: torch.device):
     return run
 
 
-def _sdpa_backend(q, k, v) -> str | None:
-    try:  # private API; only used to label the result
-        from torch.nn.attention import SDPBackend
-
-        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=True))).name
-    except Exception:
-        return None
-
-
 def _sdpa_run(ac, batch: int, seq: int, device: torch.device, label: dict):
     g = torch.Generator(device=device).manual_seed(SEED)
     q = _randn(g, device, batch, ac.heads, seq, ac.head_dim).bfloat16().requires_grad_()
     k = _randn(g, device, batch, ac.kv_heads, seq, ac.head_dim).bfloat16().requires_grad_()
     v = _randn(g, device, batch, ac.kv_heads, seq, ac.head_dim).bfloat16().requires_grad_()
     dout = _randn(g, device, batch, ac.heads, seq, ac.head_dim).bfloat16()
-    label["backend"] = _sdpa_backend(q, k, v)
+    label["backend"] = _sdpa_backend(q, k, v, enable_gqa=True)
     gqa = ac.heads != ac.kv_heads
 
     def run():
