@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pretrain.run_dir import RunDir
+
 IGNORE_INDEX = -100
 LOGITS_BUDGET = 2**27  # float32 logits per batch (512 MiB) when the batch size is automatic
 
@@ -144,7 +146,7 @@ def load_source(path: str | Path, step: int | None = None) -> EvalSource:
             raise ValueError(f"{path} has no tokenizer.json")
         info = {"source": str(path), "format": config.get("model_type"), "step": meta.get("step")}
         return EvalSource(model_cfg, state, tokenizer, int(seq_len), info)
-    if (path / "config.yaml").is_file():
+    if RunDir(path).has_config():
         cfg = load_run_config(path)
         tokenizer = run_tokenizer(path)
         from checkpoints.export import _step_of
@@ -153,7 +155,8 @@ def load_source(path: str | Path, step: int | None = None) -> EvalSource:
         ckpt = Path(find_checkpoint(path, step))
         info = {"source": str(ckpt), "format": "checkpoint", "step": _step_of(ckpt)}
         return EvalSource(cfg.model, read_model_state(ckpt), tokenizer, cfg.train.seq_len, info)
-    raise ValueError(f"{path} is neither a run directory (config.yaml) nor an export directory (config.json)")
+    raise ValueError(f"{path} is neither a run directory ({RunDir(path).config_file.name}) nor an export "
+                     "directory (config.json)")
 
 
 def resolve_device(device: str) -> str:

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.run_dir import RunDir
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 FORMATS = ("auto", "lfm2_moe", "liquid_moe")
@@ -442,17 +444,16 @@ def load_run_config(run_dir: str | Path):
     """The run's resolved config (run_dir/config.yaml), with clear errors for a path that is not a run."""
     from pretrain.config import config_from_yaml
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no config.yaml: not a run directory")
-    return config_from_yaml(path.read_text())
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise ValueError(f"run directory {run.path} does not exist")
+    if not run.has_config():
+        raise ValueError(f"{run.path} has no {run.config_file.name}: not a run directory")
+    return config_from_yaml(run.config_file.read_text())
 
 
 def run_tokenizer(run_dir: str | Path) -> Path:
-    path = Path(run_dir) / "tokenizer" / "tokenizer.json"
+    path = RunDir(run_dir).tokenizer_file
     if not path.is_file():
         raise ValueError(f"{path} does not exist: the run directory has no tokenizer (the training worker "
                          "copies the run's tokenizer there)")

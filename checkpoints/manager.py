@@ -37,9 +37,8 @@ import torch
 
 from checkpoints.manifest import (FORMAT, MANIFEST, CorruptCheckpoint, fsync_dir, library_versions,
                                   read_manifest, sha256_file, verify, write_json_atomic)
+from pretrain.run_dir import RunDir
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -52,7 +51,7 @@ def step_dir_name(step: int) -> str:
 
 
 def checkpoint_root(run_dir) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return RunDir(run_dir).checkpoints_dir
 
 
 def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
@@ -330,11 +329,12 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         fsync_dir(self.root)
-        latest = self.root / (LATEST + ".partial")
+        pointer = RunDir(self.run_dir).latest_file
+        latest = pointer.with_name(pointer.name + ".partial")
         latest.write_text(final.name + "\n")
         with open(latest, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(latest, self.root / LATEST)
+        os.replace(latest, pointer)
         fsync_dir(self.root)
         self._retain()
         return sum(f["bytes"] for f in files.values())
@@ -403,8 +403,6 @@ class CheckpointManager:
                              "may change when resuming.")
 
     def _load_data(self, ckpt: Path, manifest: dict, data, same_layout: bool) -> None:
-        from data_pipeline.loader import merge_rank_states
-
         states = {}
         for r in manifest["ranks"]:
             if r["cp_rank"] == 0:
@@ -412,7 +410,7 @@ class CheckpointManager:
         if same_layout:
             data.load_state_dict(states[self.topology.dp_rank])
         else:
-            data.load_state_dict(merge_rank_states([states[k] for k in sorted(states)]))
+            data.load_rank_states([states[k] for k in sorted(states)])  # merging positions is the loader's business
 
 
 def _restore_schedule(scheduler, last_epoch: int) -> None:
@@ -451,35 +449,3 @@ def resume_target(run_dir, resume: str, *, launch_id: str | None = None, log=Non
         raise ValueError(f"checkpoint.resume={resume!r}: not none, auto or a checkpoint directory")
     verify(path)
     return path
-
-
-def write_worker_status(run_dir, topology, status: str, **extra) -> None:
-    """workers/rank{R}.json: who this rank is and where it runs (pid, host), for operators and tests."""
-    path = Path(run_dir) / "workers" / f"rank{topology.rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"rank": topology.rank, "world": topology.world, "pid": os.getpid(), "host": socket.gethostname(),
-              "local_rank": int(os.environ.get("LOCAL_RANK", "0")), "status": status, "time": time.time(), **extra}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            record["node_id"] = ray.get_runtime_context().get_node_id()
-    except Exception:  # not on Ray: pid and host say enough
-        pass
-    write_json_atomic(path, record)
-
-
-STOP_REQUEST = "STOP"
-
-
-def request_stop(run_dir, reason: str) -> None:
-    """Ask a running job to save a checkpoint and exit at its next step (the driver does this on SIGTERM)."""
-    write_json_atomic(Path(run_dir) / STOP_REQUEST, {"reason": reason, "time": time.time(), "pid": os.getpid()})
-
-
-def stop_requested(run_dir) -> bool:
-    return (Path(run_dir) / STOP_REQUEST).exists()
-
-
-def clear_stop_request(run_dir) -> None:
-    (Path(run_dir) / STOP_REQUEST).unlink(missing_ok=True)

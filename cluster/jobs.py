@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pretrain.run_dir import RunDir
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pretrain", "parallel", "data_pipeline", "checkpoints", "cluster")
 JOB_DIR = ".liquid-job"  # inside the uploaded working_dir: the resolved config
@@ -414,7 +416,7 @@ def progress_from_logs(logs: str) -> dict | None:
 def progress_from_run_dir(run_dir: Path, since: float | None = None) -> dict | None:
     """The newest record of RUN_DIR/metrics.jsonl, if the file is here and was written since `since`
     (the job's submission time: an older file at the same path is another run's)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_file
     try:
         if since is not None and path.stat().st_mtime < since - 2:
             return None
@@ -430,7 +432,7 @@ def progress_from_run_dir(run_dir: Path, since: float | None = None) -> dict | N
 
 
 def _read_summary(run_dir: Path, since: float | None) -> dict | None:
-    path = run_dir / "summary.json"
+    path = RunDir(run_dir).summary_file
     try:
         if since is not None and path.stat().st_mtime < since - 2:
             return None
@@ -446,7 +448,7 @@ def _progress(jobs: Jobs, info, from_logs: bool = False) -> tuple[dict | None, s
         record = progress_from_run_dir(Path(meta["run_dir"]), since)
         if record is not None:
             record.setdefault("max_steps", int(meta["max_steps"]) if meta.get("max_steps") else None)
-            return record, str(Path(meta["run_dir"]) / "metrics.jsonl")
+            return record, str(RunDir(meta["run_dir"]).metrics_file)
     if _status(info) == "PENDING":
         return None, None
     record = progress_from_logs(jobs.logs(info.submission_id))

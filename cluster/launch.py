@@ -16,9 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-from checkpoints.manager import request_stop, resume_target
+from checkpoints.manager import resume_target
 from checkpoints.manifest import read_manifest
-from pretrain.config import config_from_yaml, to_yaml
+from pretrain.config import ENV_SWITCHES, config_from_yaml, to_yaml
+from pretrain.run_dir import RunDir
 
 
 def use_ray(cfg) -> bool:
@@ -32,7 +33,16 @@ def _ray_worker(loop_config: dict) -> None:
     checkpoint of this launch."""
     from pretrain.train.worker import train_main
 
-    train_main(config_from_yaml(loop_config["config_yaml"]), progress=False, launch_id=loop_config["launch_id"])
+    train_main(config_from_yaml(loop_config["config_yaml"]), progress=False, launch_id=loop_config["launch_id"],
+               node=_node_facts())
+
+
+def _node_facts() -> dict:
+    """The Ray node this worker runs on, for its status file and the expert-group placement check (the
+    training code below this layer does not import Ray)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
 class _MetricsFollower(threading.Thread):
@@ -96,7 +106,17 @@ def init_ray(cfg) -> None:
     # cluster.address: join it; inside a Ray job: its cluster (RAY_ADDRESS); else a new local cluster
     # whose every process listens on 127.0.0.1 only.
     ray.init(**ray_init_kwargs(c.address), log_to_driver=True,
-             runtime_env={"env_vars": {**WORKER_ENV, **hang}})
+             runtime_env={"env_vars": {**WORKER_ENV, **hang, **forwarded_switches()}})
+
+
+def forwarded_switches(environ=None) -> dict:
+    """The ENV_SWITCHES set in this driver's environment: every worker, on any node, must see them (a node
+    on another scan or attention path would train differently or hang in a collective). Inside a Ray job
+    those the job's runtime env sets already reach every worker, and Ray refuses a key set twice."""
+    environ = os.environ if environ is None else environ
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    given = job.get("env_vars") or {}
+    return {k: environ[k] for k in ENV_SWITCHES if k in environ and k not in given}
 
 
 def launch_ray(cfg, printer) -> dict:
@@ -113,10 +133,11 @@ def launch_ray(cfg, printer) -> dict:
     # the process group's rendezvous store (rank 0's TCPStore). Any other cluster: Ray's TorchConfig.
     loopback = (not c.address and not os.environ.get("RAY_ADDRESS")
                 and is_loopback(ray.util.get_node_ip_address()))
-    run_dir = Path(cfg.run.dir).resolve()
+    run = RunDir(Path(cfg.run.dir).resolve())
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
     start = resume_target(run_dir, cfg.checkpoint.resume)  # fail fast, before any worker starts
-    follower = _MetricsFollower(run_dir / "metrics.jsonl", printer, after_step=_step_of(start))
+    follower = _MetricsFollower(run.metrics_file, printer, after_step=_step_of(start))
     follower.start()
     launch_id = uuid.uuid4().hex
     trainer = TorchTrainer(
@@ -130,7 +151,7 @@ def launch_ray(cfg, printer) -> dict:
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker},
                                      placement_strategy=c.placement_strategy),
-        run_config=RunConfig(name=f"{cfg.run.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name=f"{cfg.run.name}-{int(time.time())}", storage_path=str(run.ray_dir),
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )
     try:
@@ -138,7 +159,10 @@ def launch_ray(cfg, printer) -> dict:
     finally:
         follower.stop.set()
         follower.join()
-    return json.loads((run_dir / "summary.json").read_text())
+    summary = run.read_summary()
+    if summary is None:
+        raise RuntimeError(f"the workers finished without writing {run.summary_file}")
+    return summary
 
 
 def _step_of(ckpt: Path | None) -> int:
@@ -169,7 +193,7 @@ class _StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        request_stop(self.run_dir, signal.Signals(signum).name)
+        RunDir(self.run_dir).request_stop(signal.Signals(signum).name)
         print(f"{signal.Signals(signum).name}: stopping at the next step after a checkpoint "
               "(Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
 

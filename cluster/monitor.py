@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoints.manifest import MANIFEST
+from pretrain.run_dir import CONFIG, METRICS, SUMMARY, WORKERS, RunDir
 from pretrain.train.metrics import fmt_duration, format_line, human, progress_bar, run_target
-
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -29,7 +28,7 @@ SUMMARY = "summary.json"
 
 def read_records(run_dir: Path) -> list[dict]:
     """metrics.jsonl's records in step order (a line cut by a crash or still being written is skipped)."""
-    path = Path(run_dir) / METRICS
+    path = RunDir(run_dir).metrics_file
     by_step = {}
     try:
         text = path.read_text()
@@ -44,13 +43,6 @@ def read_records(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime
@@ -63,33 +55,27 @@ def read_limits(run_dir: Path) -> tuple[int | None, int | None]:
     try:
         from omegaconf import OmegaConf
 
-        train = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml")).get("train") or {}
+        train = OmegaConf.to_container(OmegaConf.load(RunDir(run_dir).config_file)).get("train") or {}
         return train.get("max_steps"), train.get("max_tokens")
     except Exception:  # noqa: BLE001 - no or unreadable config: the view goes without the run's target
         return None, None
 
 
 def read_workers(run_dir: Path) -> list[dict]:
-    workers = []
-    for path in Path(run_dir).glob("workers/rank*.json"):
-        w = _read_json(path)
-        if w is not None:
-            w.setdefault("rank", int(re.sub(r"\D", "", path.stem) or -1))
-            w["_mtime"] = _mtime(path)
-            workers.append(w)
-    return sorted(workers, key=lambda w: w["rank"])
+    return [{**w, "_mtime": _mtime(path)} for path, w in RunDir(run_dir).read_workers()]
 
 
 def read_checkpoints(run_dir: Path) -> tuple[list[str], list[str], str | None]:
     """(complete checkpoints, saves in progress or left by a crash, the `latest` pointer)."""
-    root = Path(run_dir) / "checkpoints"
+    run = RunDir(run_dir)
+    root = run.checkpoints_dir
     if not root.is_dir():
         return [], [], None
     complete = sorted(p.name for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)
-                      and (p / "manifest.json").exists())
+                      and (p / MANIFEST).exists())
     partial = sorted(p.name for p in root.glob("step_*.tmp") if p.is_dir())
     try:
-        latest = (root / "latest").read_text().strip() or None
+        latest = run.latest_file.read_text().strip() or None
     except OSError:
         latest = None
     return complete, partial, latest
@@ -98,17 +84,17 @@ def read_checkpoints(run_dir: Path) -> tuple[list[str], list[str], str | None]:
 def finished_summary(run_dir: Path) -> dict | None:
     """summary.json when it belongs to the latest attempt: written after the last metrics record, and no
     worker started since (a resumed run keeps the summary of the attempt before it until it ends)."""
-    run_dir = Path(run_dir)
-    summary_time = _mtime(run_dir / SUMMARY)
+    run = RunDir(run_dir)
+    summary_time = _mtime(run.summary_file)
     if summary_time is None:
         return None
-    metrics_time = _mtime(run_dir / METRICS)
+    metrics_time = _mtime(run.metrics_file)
     if metrics_time is not None and metrics_time > summary_time:
         return None
     for w in read_workers(run_dir):
         if w.get("status") in ("starting", "running") and (w.get("_mtime") or 0) > summary_time:
             return None
-    return _read_json(run_dir / SUMMARY)
+    return run.read_summary()
 
 
 @dataclass
@@ -142,13 +128,13 @@ def check_run_dir(run_dir) -> Path:
         raise ValueError(f"run directory {run_dir} does not exist")
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a directory")
-    if not any((run_dir / name).exists() for name in ("config.yaml", METRICS, "workers", SUMMARY)):
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml, {METRICS}, workers/ or {SUMMARY})")
+    if not RunDir(run_dir).looks_like_run():
+        raise ValueError(f"{run_dir} is not a run directory (no {CONFIG}, {METRICS}, {WORKERS}/ or {SUMMARY})")
     return run_dir
 
 
 def no_metrics_error(run_dir: Path) -> ValueError:
-    path = Path(run_dir) / METRICS
+    path = RunDir(run_dir).metrics_file
     what = "is empty" if path.exists() else "does not exist"
     return ValueError(f"no metrics yet in {run_dir}: {METRICS} {what} (rank 0 writes a record every "
                       "train.log_interval steps; --follow waits for it)")
@@ -419,7 +405,7 @@ def follow(run_dir, *, interval: float = 5.0, last: int = 10, plot_path=None, st
     waited = False
     while not state.records and state.summary is None:
         if not waited:
-            say(f"waiting for the first record in {Path(run_dir) / METRICS} (every {interval:g} s; Ctrl-C stops)")
+            say(f"waiting for the first record in {RunDir(run_dir).metrics_file} (every {interval:g} s; Ctrl-C stops)")
             waited = True
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
             return 1

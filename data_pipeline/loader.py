@@ -365,6 +365,11 @@ class StreamingRows:
         # Past the epoch's end, the first buffer load moves on to the next epoch.
         self._start_epoch(state["epoch"], offset=state["offset"] + state["blocks_done"] * state["world"])
 
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Resume from every rank's state of another layout (a checkpoint being resharded): from the least
+        advanced position, so no block is skipped (see the module docstring)."""
+        self.load_state_dict(merge_rank_states(states))
+
     def close(self) -> None:
         """Stop prefetching and release streaming's shared memory (another loader may reuse the cache)."""
         if getattr(self, "_executor", None) is not None:

@@ -20,7 +20,6 @@ from data_pipeline import format as fmt
 from data_pipeline.sources import SourceStats, expand_inputs, iter_texts
 from data_pipeline.tokenizer import TextTokenizer
 
-IN_PROCESS = "local-process"  # ray_address value: run the per-file function here, without Ray
 PARTS_DIR = "parts"
 INDEX_FILE = "index.json"
 ENCODE_BATCH = 256  # documents per TextTokenizer.encode_batch call
@@ -177,7 +176,7 @@ def _run_in_process(jobs: list[dict], progress: Progress) -> list[dict]:
     return results
 
 
-def _run_ray(jobs: list[dict], ray_address: str | None, num_tasks: int | None, progress: Progress) -> list[dict]:
+def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, progress: Progress) -> list[dict]:
     """One Ray task per file, at most `num_tasks` in flight; reuses an initialised Ray, stops only its own."""
     import logging
 
@@ -185,9 +184,7 @@ def _run_ray(jobs: list[dict], ray_address: str | None, num_tasks: int | None, p
 
     started = not ray.is_initialized()
     if started:
-        from cluster.safety import ray_init_kwargs
-
-        ray.init(**{**ray_init_kwargs(ray_address), "include_dashboard": False}, logging_level=logging.WARNING)
+        ray.init(**{**ray_init, "include_dashboard": False}, logging_level=logging.WARNING)
     task = ray.remote(num_cpus=1)(prepare_file)
     queue, pending, results = list(jobs), {}, []
     try:
@@ -209,6 +206,16 @@ def _run_ray(jobs: list[dict], ray_address: str | None, num_tasks: int | None, p
         if started:
             ray.shutdown()
     return sorted(results, key=lambda r: r["index"])
+
+
+def _check_ray(use_ray: bool, ray_init: dict | None) -> None:
+    """Which Ray to start, and where its processes may listen, is the caller's decision (cluster/safety.py)."""
+    if use_ray and ray_init is None:
+        import ray
+
+        if not ray.is_initialized():
+            raise ValueError("prepare: Ray is not running; pass ray_init (the ray.init arguments, e.g. "
+                             "cluster.safety.ray_init_kwargs(address)) or use_ray=False")
 
 
 def _check_args(block_tokens: int, compression, hashes, size_limit, tok: TextTokenizer) -> None:
@@ -289,12 +296,13 @@ def _summarize(results: list[dict], output: str, seconds: float) -> dict:
 
 def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str = "text",
             block_tokens: int = fmt.BLOCK_TOKENS, compression: str | None = "zstd", hashes=("sha1",),
-            ray_address: str | None = None, num_tasks: int | None = None, progress: bool = True,
+            ray_init: dict | None = None, num_tasks: int | None = None, progress: bool = True,
             size_limit="64mb", overwrite: bool = False, use_ray: bool = True, eos_token: str | None = None) -> dict:
     """Tokenize `inputs` into MDS shards under `output` (a directory or a remote URL); returns the summary.
 
-    ray_address: None starts (or reuses) Ray; an address joins a cluster. use_ray=False (or
-    ray_address=IN_PROCESS) runs every file in this process. num_tasks: most Ray tasks in flight.
+    use_ray: one Ray task per file, on the Ray this process runs, else one started with `ray_init` (the
+    `ray.init` arguments; `liquid data prepare` passes cluster.safety.ray_init_kwargs(--ray-address)) and
+    stopped at the end. use_ray=False runs every file in this process. num_tasks: most Ray tasks in flight.
     Same inputs and tokenizer -> byte-identical shards and index.json, with Ray or without.
     """
     start = time.perf_counter()
@@ -302,6 +310,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
     hashes = list(hashes or ())
     tok = TextTokenizer(tokenizer, eos_token=eos_token)
     _check_args(block_tokens, compression, hashes, size_limit, tok)
+    _check_ray(use_ray, ray_init)
     files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
     output = str(output).removeprefix("file://")
     output = output.rstrip("/") if _is_remote(output) else str(Path(output).resolve())
@@ -310,10 +319,10 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
                  eos_token=eos_token, text_field=text_field, block_tokens=block_tokens, compression=compression,
                  hashes=hashes, size_limit=size_limit) for i, p in enumerate(files)]
     bar = Progress(progress, len(jobs))
-    if not use_ray or ray_address == IN_PROCESS:
+    if not use_ray:
         results = _run_in_process(jobs, bar)
     else:
-        results = _run_ray(jobs, ray_address, num_tasks, bar)
+        results = _run_ray(jobs, ray_init, num_tasks, bar)
     if sum(r["documents"] for r in results) == 0:
         _fail_empty(results, output)
     summary = _summarize(results, output, time.perf_counter() - start)

@@ -19,12 +19,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_and_any(value: torch.Tensor, flag: bool, group) -> tuple[torch.Tensor, bool]:
-    """The mean of a scalar over `group` and whether any rank raised `flag`, in one all_reduce (the loop
-    already reduces the loss every step; a stop request rides along)."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value, flag
+def mean_and_count(value: torch.Tensor, flag: bool, group) -> torch.Tensor:
+    """[mean of a scalar over `group`, number of ranks that raised `flag`] in one all_reduce, left on the
+    device (the caller reads it back with whatever else it needs in the same host read)."""
     both = torch.stack([value.detach().to(torch.float32).reshape(()),
                         torch.tensor(float(flag), device=value.device)])
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return both
     dist.all_reduce(both, group=group)
-    return both[0] / dist.get_world_size(group), bool(both[1] > 0)
+    return both / torch.tensor([dist.get_world_size(group), 1.0], device=both.device)

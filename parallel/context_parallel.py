@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.model.layers import doc_ids, positions_in_doc
-from pretrain.model.mixers import AttentionMixer, ConvMixer, DocumentMask, LiquidMixer
+from pretrain.model.mixers import AttentionMixer, ConvMixer, DocumentMask, LiquidMixer, shared_layout
 from pretrain.model.model import IGNORE_INDEX
 from pretrain.model.scan import DEFAULT_CHUNK_SIZE, liquid_scan
 
@@ -105,14 +105,15 @@ def context_parallel_scan(q, k, v, log_decay, *, group, initial_state=None, chun
     rank = dist.get_rank(group)
     n, p = q.shape[-1], v.shape[-1]
     y, state = liquid_scan(q, k, v, log_decay, chunk_size=chunk_size, recompute=recompute)
-    gain, total = carry_gains(log_decay)
-    payload = torch.cat([state.flatten(2), total[..., None]], dim=-1)  # [b, h, N*P + 1] fp32
-    gathered = all_gather(payload, group)  # [cp, b, h, N*P + 1]
-    states, totals = gathered[..., :-1].unflatten(-1, (n, p)), gathered[..., -1]
-    # Every rank keeps the whole stack in its graph so its backward joins the collective (rank 0 included).
-    carried = carried_states(states, totals)[rank]  # [b, h, N, P]
-    y_carried = torch.einsum("bshn,bhnp->bshp", q.float(), carried) * gain[..., None]
-    return (y.float() + y_carried).to(y.dtype), state + total[..., None, None] * carried
+    with torch.autocast(q.device.type, enabled=False):  # the correction accumulates in fp32, as the scan does
+        gain, total = carry_gains(log_decay)
+        payload = torch.cat([state.flatten(2), total[..., None]], dim=-1)  # [b, h, N*P + 1] fp32
+        gathered = all_gather(payload, group)  # [cp, b, h, N*P + 1]
+        states, totals = gathered[..., :-1].unflatten(-1, (n, p)), gathered[..., -1]
+        # Every rank keeps the whole stack in its graph so its backward joins the collective (rank 0 included).
+        carried = carried_states(states, totals)[rank]  # [b, h, N, P]
+        y_carried = torch.einsum("bshn,bhnp->bshp", q.float(), carried) * gain[..., None]
+        return (y.float() + y_carried).to(y.dtype), state + total[..., None, None] * carried
 
 
 # ---- short causal convs ------------------------------------------------------------------------------
@@ -144,7 +145,14 @@ def context_parallel_halo(x: torch.Tensor, doc_start, width: int, *, group):
 
 def context_parallel_layout(doc_start, batch: int, seq: int, device, *, group):
     """RoPE positions of this rank's queries in the global row [b, s], and the DocumentMask of those queries
-    (global positions rank * s .. (rank+1) * s - 1) over the keys of ranks 0..rank."""
+    (global positions rank * s .. (rank+1) * s - 1) over the keys of ranks 0..rank. Shared by the attention
+    layers of a forward: one all-gather and one block mask (every rank passes the same doc_start object to
+    all its layers, so the ranks hit or miss the cache together)."""
+    return shared_layout(doc_start, ("cp", group, batch, seq, torch.device(device)),
+                         lambda: _context_parallel_layout(doc_start, batch, seq, device, group=group))
+
+
+def _context_parallel_layout(doc_start, batch: int, seq: int, device, *, group):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     first, end = rank * seq, (rank + 1) * seq
     global_start = None

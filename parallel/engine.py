@@ -14,27 +14,45 @@ import torch.nn as nn
 
 from parallel.topology import Topology
 from pretrain.model.ffn import Experts, MoE
-from pretrain.train.optim import lr_lambda, param_groups, build_optimizer
+from pretrain.optim import lr_lambda, param_groups, build_optimizer
 
 
 class LocalEngine:
-    def __init__(self, model, optim_cfg, *, max_steps: int, grad_accum: int):
+    """One process. `dtype=torch.bfloat16` is DeepSpeed's bf16 mode without the sharding: the model's
+    weights and gradients are bf16, fp32 master weights take the gradients (accumulated in fp32 across
+    micro-batches, where bf16 sums would round), clipping and AdamW run on the masters, and the bf16
+    weights are copied back after each step. Buffers (the routers' expert bias and counts) stay fp32."""
+
+    def __init__(self, model, optim_cfg, *, max_steps: int, grad_accum: int, dtype=None):
         self.model = model
         self.grad_accum = grad_accum
         self.grad_clip = optim_cfg.grad_clip
-        self.optimizer, self.scheduler = build_optimizer(model, optim_cfg, max_steps)
+        self._master = _bf16_with_masters(model) if dtype == torch.bfloat16 else {}
+        self.optimizer, self.scheduler = build_optimizer(model, optim_cfg, max_steps, master=self._master)
+
+    def _trained(self, p):
+        """The tensor the optimizer updates for parameter p: its fp32 master, or p itself."""
+        return self._master.get(p, p)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
+        for p, master in self._master.items():
+            if p.grad is not None:
+                master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+                p.grad = None
 
-    def step(self) -> float:
-        """Clip, step, zero the gradients; returns the gradient norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def step(self) -> torch.Tensor:
+        """Clip, step, zero the gradients; returns the gradient norm before clipping (on the device: the
+        training step reads it back with its other numbers)."""
+        params = [t for t in map(self._trained, self.model.parameters()) if t.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        if self._master:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self._master), list(self._master.values()))
+        return norm.detach()
 
     @property
     def lr(self) -> float:
@@ -42,14 +60,22 @@ class LocalEngine:
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """The gradients of this step so far, by parameter name (call between backward and step)."""
-        return {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        grads = {n: self._trained(p).grad for n, p in self.model.named_parameters()}
+        return {n: g.clone() for n, g in grads.items() if g is not None}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self._master:
+            state["master"] = {n: self._master[p].detach().clone() for n, p in self.model.named_parameters()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if p in self._master:
+                    self._master[p].copy_(state["master"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -57,20 +83,34 @@ class LocalEngine:
 
     def full_state_tensor(self, p, kind: str, *, group=None, dst: int = 0):
         """The whole fp32 weight ("model") or Adam moment of `p`; None when the optimizer has none yet."""
+        trained = self._trained(p)
         if kind == "model":
-            return p.detach()
-        return self.optimizer.state.get(p, {}).get(kind)
+            return trained.detach()
+        return self.optimizer.state.get(trained, {}).get(kind)
 
     def optimizer_step_of(self, p):
-        state = self.optimizer.state.get(p, {})
+        state = self.optimizer.state.get(self._trained(p), {})
         return float(state["step"]) if "step" in state else None
 
     def set_full_state(self, p, values: dict) -> None:
-        p.copy_(values["model"].view(p.shape))
+        trained = self._trained(p)
+        trained.copy_(values["model"].view(p.shape))
+        if trained is not p:
+            p.copy_(trained)
         if values.get("exp_avg") is not None and values.get("step") is not None:
-            self.optimizer.state[p] = {"step": _adam_step(values["step"]),
-                                       "exp_avg": values["exp_avg"].view(p.shape).clone(),
-                                       "exp_avg_sq": values["exp_avg_sq"].view(p.shape).clone()}
+            self.optimizer.state[trained] = {"step": _adam_step(values["step"]),
+                                             "exp_avg": values["exp_avg"].view(p.shape).clone(),
+                                             "exp_avg_sq": values["exp_avg_sq"].view(p.shape).clone()}
+
+
+def _bf16_with_masters(model) -> dict:
+    """Cast the parameters to bf16 in place (modules keep their Parameter objects) and return an fp32
+    master copy of each, keyed by the parameter."""
+    masters = {}
+    for p in model.parameters():
+        masters[p] = nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+        p.data = p.data.to(torch.bfloat16)
+    return masters
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,14 +323,14 @@ class ZeroEngine:
             assert not self.ds.is_gradient_accumulation_boundary()
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-batch
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
         """Reduce, clip, step, zero the gradients; returns the global gradient norm before clipping."""
         if self._micro != self.grad_accum:
             raise RuntimeError(f"step() after {self._micro} backward() calls; grad_accum is {self.grad_accum}")
         assert self.ds.is_gradient_accumulation_boundary()
         self.ds.step()
         self._micro = 0
-        return float(self.ds.get_global_grad_norm())
+        return self.ds.get_global_grad_norm()
 
     @property
     def lr(self) -> float:
@@ -389,21 +429,6 @@ def _detached(obj):
     return obj
 
 
-@torch.no_grad()
-def reduce_expert_load(model, topology: Topology | None) -> None:
-    """Sum every MoE layer's `tokens_per_expert` over dp x cp, in place: the global counts, so that every
-    rank applies the same expert-bias update. Call once per step, before `model.update_expert_bias()`."""
-    if topology is None or topology.dp_cp_group is None:
-        return
-    counts = [m.tokens_per_expert for m in model.modules() if isinstance(m, MoE)]
-    if not counts:
-        return
-    flat = torch.cat(counts)
-    dist.all_reduce(flat, group=topology.dp_cp_group)
-    for c, total in zip(counts, flat.split([c.numel() for c in counts])):
-        c.copy_(total)
-
-
 def build_engine(model, optim_cfg, parallel_cfg, topology: Topology | None = None, *, max_steps: int,
                  grad_accum: int, micro_batch_size: int = 1, dtype=None):
     """LocalEngine for one rank (any zero_stage); DeepSpeed ZeRO (parallel.zero_stage 1 or 2) for many.
@@ -419,7 +444,7 @@ def build_engine(model, optim_cfg, parallel_cfg, topology: Topology | None = Non
         raise ValueError(f"parallel.dp x parallel.cp = {world} but the topology has {topology.world} ranks; "
                          "build the topology from the same config")
     if world == 1:
-        return LocalEngine(model, optim_cfg, max_steps=max_steps, grad_accum=grad_accum)
+        return LocalEngine(model, optim_cfg, max_steps=max_steps, grad_accum=grad_accum, dtype=dtype)
     if parallel_cfg.zero_stage == 0:
         raise ValueError("config key 'parallel.zero_stage': 0 (no ZeRO) is for one rank only; "
                          f"use 1 or 2 with parallel.dp x parallel.cp = {world}")

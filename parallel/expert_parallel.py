@@ -65,8 +65,10 @@ class ExpertParallelExperts(nn.Module):
         send, recv = splits[:self.ep_size], splits[self.ep_size:]
         x_recv = all_to_all_rows(x_sorted, out_splits=recv, in_splits=send, group=self.group)
         # Rows arrive grouped by (source rank, local expert); the experts want them grouped by local expert.
-        order = _order_by_local_expert(recv_counts)
-        y = self._run_local(x_recv[order], recv_counts.sum(0))
+        order = _order_by_local_expert(recv_counts, total=sum(recv))
+        # Every rank sends back the stream's dtype: under autocast the experts return bf16 and a rank with
+        # no tokens returns its input's dtype, and the reverse all_to_all must not mix element sizes.
+        y = self._run_local(x_recv[order], recv_counts.sum(0)).to(x_sorted.dtype)
         y = y[_inverse(order)]
         return all_to_all_rows(y, out_splits=send, in_splits=recv, group=self.group)
 
@@ -87,11 +89,12 @@ class ExpertParallelExperts(nn.Module):
         return f"num_experts={self.num_experts}, num_local_experts={self.num_local_experts}, ep_size={self.ep_size}"
 
 
-def _order_by_local_expert(recv_counts):
-    """Permutation that stably sorts rows laid out as (source rank, local expert) by local expert."""
+def _order_by_local_expert(recv_counts, *, total: int):
+    """Permutation that stably sorts rows laid out as (source rank, local expert) by local expert; `total`
+    rows (known on the host from the split sizes: without it repeat_interleave reads the sum back)."""
     ep, num_local = recv_counts.shape
     expert_of_row = torch.arange(num_local, device=recv_counts.device).repeat(ep)
-    expert_of_row = expert_of_row.repeat_interleave(recv_counts.flatten())
+    expert_of_row = expert_of_row.repeat_interleave(recv_counts.flatten(), output_size=total)
     return expert_of_row.argsort(stable=True)
 
 
@@ -111,6 +114,7 @@ def shard_experts(experts: Experts, *, rank: int, ep_size: int) -> Experts:
     with torch.device("meta"):  # allocates nothing and draws no random numbers
         local = Experts(num_local, d_model, hidden)
     lo = rank * num_local
+    local.init_key, local.expert_offset = getattr(experts, "init_key", None), experts.expert_offset + lo
     for name in EXPERT_WEIGHTS:
         full = getattr(experts, name)
         setattr(local, name, nn.Parameter(full.detach()[lo:lo + num_local].clone(), requires_grad=full.requires_grad))
@@ -142,21 +146,35 @@ def apply_expert_parallel(model, ep_group):
     return model
 
 
-def expert_load_stats(model, group=None) -> list[dict]:
-    """Per MoE layer: tokens routed to each expert since the last bias update, summed over `group` if given.
-
-    Reads each layer's `tokens_per_expert` (this rank's routing decisions, by global expert) without
-    changing it. One all_reduce for all layers.
-    """
+def global_expert_counts(model, group=None) -> torch.Tensor | None:
+    """Tokens routed to each expert since the last bias update [MoE layers, E] (fp32, on the device),
+    summed over `group` if given; None without MoE layers. One all_reduce for all layers, no host read."""
     layers = _moe_layers(model)
     if not layers:
-        return []
-    counts = torch.stack([m.tokens_per_expert.float() for m in layers])  # [layers, E], a copy
+        return None
+    counts = torch.stack([m.tokens_per_expert.float() for m in layers])  # a copy
     if group is not None:
         dist.all_reduce(counts, group=group)
+    return counts
+
+
+def load_stats(rows: list[list[float]]) -> list[dict]:
+    """Per MoE layer, from its tokens per expert: the counts, max, mean and max/mean (0 without tokens)."""
     stats = []
-    for row in counts.tolist():
+    for row in rows:
         mean = sum(row) / len(row)
         stats.append({"tokens_per_expert": row, "max": max(row), "mean": mean,
                       "max_over_mean": max(row) / mean if mean else 0.0})
     return stats
+
+
+def expert_load_stats(model, group=None) -> list[dict]:
+    """Per MoE layer: tokens routed to each expert since the last bias update, summed over `group` if given.
+
+    Reads each layer's `tokens_per_expert` (this rank's routing decisions, by global expert) without
+    changing it.
+    """
+    counts = global_expert_counts(model, group)
+    return [] if counts is None else load_stats(counts.tolist())
+
+

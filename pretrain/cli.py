@@ -33,18 +33,17 @@ def _done_line(summary: dict) -> str:
 
 
 def _cmd_resume(args) -> int:
-    from pathlib import Path
-
     from checkpoints.manager import find_checkpoint
     from cluster.launch import launch
     from pretrain.config import load_config
+    from pretrain.run_dir import RunDir
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
-    find_checkpoint(run_dir)  # fails clearly when nothing can be resumed
-    cfg = load_config(str(run_dir / "config.yaml"),
-                      [*args.overrides, "checkpoint.resume=auto", f"run.dir={run_dir}"])
+    run = RunDir(args.run_dir)
+    if not run.has_config():
+        raise ValueError(f"{run.path} is not a run directory (no {run.config_file.name})")
+    find_checkpoint(run.path)  # fails clearly when nothing can be resumed
+    cfg = load_config(str(run.config_file),
+                      [*args.overrides, "checkpoint.resume=auto", f"run.dir={run.path}"])
     print(_done_line(launch(cfg)))
     return 0
 
@@ -76,10 +75,13 @@ def _cmd_tokenizer_train(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
+    from cluster.safety import ray_init_kwargs
     from data_pipeline.prepare import prepare, summary_line
 
+    # How to start Ray is the cluster layer's choice: a loopback-only local Ray unless --ray-address is given.
+    ray_init = None if args.no_ray else ray_init_kwargs(args.ray_address)
     summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
-                      block_tokens=args.block_tokens, ray_address=args.ray_address, use_ray=not args.no_ray,
+                      block_tokens=args.block_tokens, ray_init=ray_init, use_ray=not args.no_ray,
                       overwrite=args.overwrite)
     print(summary_line(summary))
     return 0
@@ -111,27 +113,17 @@ def _add_data_parsers(sub) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
+# `liquid bench NAME ...`: NAME -> "module:function" taking the rest of the command line (imported when run).
+BENCHMARKS = {"scan": "pretrain.bench.scan:main_scan", "data": "pretrain.bench.data:main_data",
+              "step": "pretrain.bench.step:main_step", "checkpoint": "pretrain.bench.checkpoint:main_checkpoint",
+              "gpu": "pretrain.bench.gpu:main_gpu"}
+
+
 def _cmd_bench(args) -> int:
-    if args.which == "data":
-        from pretrain.bench_data import main_data
+    import importlib
 
-        main_data(args.rest)
-    elif args.which == "step":
-        from pretrain.bench_step import main_step
-
-        main_step(args.rest)
-    elif args.which == "checkpoint":
-        from pretrain.bench_checkpoint import main_checkpoint
-
-        main_checkpoint(args.rest)
-    elif args.which == "gpu":
-        from pretrain.bench_gpu import main_gpu
-
-        main_gpu(args.rest)
-    else:
-        from pretrain.bench import main_scan
-
-        main_scan(args.rest)
+    module, function = BENCHMARKS[args.which].split(":")
+    getattr(importlib.import_module(module), function)(args.rest)
     return 0
 
 
@@ -204,13 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--gpus", type=int, default=None, help="GPU count (default cluster.num_workers)")
     p.add_argument("--device", default="H100", help="H100, H200 or A100 (peak bf16 dense FLOP/s)")
-    p.add_argument("--tokens", type=float, default=10e12, help="training tokens for the time estimate")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="training tokens for the time estimate (default: the config's train.max_tokens or max_steps)")
     p.set_defaults(func=_cmd_plan)
 
     _add_data_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("which", choices=["scan", "data", "step", "checkpoint", "gpu"])
+    p.add_argument("which", choices=list(BENCHMARKS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see liquid bench scan --help)")
     p.set_defaults(func=_cmd_bench)
 

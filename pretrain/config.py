@@ -17,6 +17,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# Environment variables that change what the training code computes (the scan and attention kernels, the
+# data cache, DeepSpeed's accelerator). They are part of a run's configuration in effect: the driver
+# forwards them to every Ray worker (cluster/launch.py) and each rank records what it saw (workers/rank{R}.json).
+ENV_SWITCHES = ("LIQUID_SCAN_TRITON", "LIQUID_ATTENTION", "LIQUID_CACHE", "DS_ACCELERATOR")
 DEFAULT_PRESET = "tiny"
 
 

@@ -1,7 +1,9 @@
 """Smoke test of the scan benchmark CLI at tiny sizes: one JSON line on stdout with the documented schema."""
 import json
 
-from pretrain.bench import CASES, main_scan
+import pytest
+
+from pretrain.bench.scan import CASES, main_scan
 
 
 def test_main_scan_quick_schema(capsys):
@@ -55,8 +57,16 @@ def test_main_scan_quick_schema(capsys):
 
 
 def test_cases_are_chosen_and_unknown_ones_refused(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main_scan(["--cases", "chunked,bogus"])
     assert "--cases: unknown ['bogus']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["scan", "step", "data", "checkpoint", "gpu"])
+def test_cli_dispatches_every_benchmark(name, capsys):
+    from pretrain.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as err:
+        cli_main(["bench", name, "--help"])
+    assert err.value.code == 0
+    assert f"liquid bench {name}" in capsys.readouterr().out

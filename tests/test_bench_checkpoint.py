@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.bench_checkpoint import large_overrides
+from pretrain.bench.checkpoint import large_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

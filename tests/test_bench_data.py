@@ -1,6 +1,6 @@
 import json
 
-from pretrain.bench_data import main_data
+from pretrain.bench.data import main_data
 
 
 def test_bench_data_prints_one_json_line(capsys, tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pretrain.bench_gpu import (PRESET, QUICK_OVERRIDES, SLICE_LAYERS, SLICE_START, main_gpu, parse_args,
+from pretrain.bench.gpu import (PRESET, QUICK_OVERRIDES, SLICE_LAYERS, SLICE_START, main_gpu, parse_args,
                                 peak_bandwidth, scan_bytes, slice_overrides)
 from pretrain.cli import main as cli_main
 from pretrain.config import load_config
@@ -79,6 +79,7 @@ def test_step_section_counts_flops_as_flops_py(quick_run):
     assert step["tokens_per_s"] == pytest.approx(QUICK_STEP_SEQ / step["step_seconds"], rel=1e-3)
     assert step["mfu"] is None and step["mfu_fwd_bwd"] is None and step["peak_flops"] is None  # CPU
     assert step["last_loss"] > 0 and len(step["runs"]) == 2
+    assert step["precision"] == "bf16 weights and gradients, bf16 autocast, fp32 master weights and AdamW state"
 
 
 def test_memory_section(quick_run):
@@ -170,11 +171,3 @@ def test_quick_run_on_cuda_measures_every_case():
     assert (step["mfu"] is None) == (summary["peak_flops"] is None)
     assert all(d["peak_bytes"] > 0 for d in lines if d["section"] == "memory")
 
-
-def test_bf16_parameters_keep_the_router_buffers_fp32():
-    from pretrain.bench_gpu import bf16_parameters
-    from pretrain.model.model import build_model
-
-    model = bf16_parameters(build_model(load_config("tiny").model))
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert {b.dtype for n, b in model.named_buffers() if "expert" in n} == {torch.float32}

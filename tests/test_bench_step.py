@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pretrain.bench_step import comm_time_us, is_comm_event, main_step, parse_layouts
+from pretrain.bench.step import comm_time_us, is_comm_event, main_step, parse_layouts
 
 
 def test_main_step_quick(capsys, tmp_path):

@@ -84,3 +84,14 @@ def test_data_streams_with_proportions():
         load_config("tiny", ["data.streams=[{pth: a}]"])
     with pytest.raises(ValueError, match="data.path or data.streams, not both"):
         load_config("tiny", ["data.path=x", "data.streams=[{path: a}]"])
+
+
+@pytest.mark.parametrize("preset", ["liquid-8b-a1b", "lfm2-8b-a1b"])
+def test_full_size_presets_train_on_38t_tokens(preset):
+    """The presets' budget is the model class's 38T tokens, and max_tokens (not max_steps) ends the run."""
+    from pretrain.train.loop import last_step
+
+    t = load_config(preset).train
+    steps = last_step(t)
+    assert steps < t.max_steps
+    assert 38e12 <= steps * t.global_batch_size * t.seq_len < 38e12 + t.global_batch_size * t.seq_len

@@ -12,7 +12,8 @@ def test_two_workers_on_ray_with_expert_parallelism(tmp_path):
             "train.max_steps=4", "train.log_interval=2", "train.seq_len=64", "train.global_batch_size=4",
             "train.micro_batch_size=2", "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512",
             "model.vocab_size=512"]
-    env = {**os.environ, "LIQUID_CACHE": str(tmp_path / "cache"), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = {**os.environ, "LIQUID_CACHE": str(tmp_path / "cache"), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "LIQUID_ATTENTION": "blocks"}
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # The driver prints one progress line per logged step, with throughput per device.
@@ -35,3 +36,17 @@ def test_two_workers_on_ray_with_expert_parallelism(tmp_path):
                      "rank00001.safetensors"]
     workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["status"] for w in workers] == ["finished", "finished"] and workers[0]["pid"] != workers[1]["pid"]
+    # Each rank records the switches it computed with (the driver forwards them to every worker).
+    assert all(w["switches"]["LIQUID_ATTENTION"] == "blocks" for w in workers), workers
+
+
+def test_the_driver_forwards_the_switches_a_job_does_not_set():
+    from cluster.launch import forwarded_switches
+
+    environ = {"LIQUID_SCAN_TRITON": "1", "LIQUID_CACHE": "/data/cache", "HOME": "/root"}
+    assert forwarded_switches(environ) == {"LIQUID_SCAN_TRITON": "1", "LIQUID_CACHE": "/data/cache"}
+    # Inside a Ray job the job's runtime env already gives its env_vars to every worker (and Ray refuses a
+    # key set twice), so only the others are forwarded.
+    job = {"runtime_env": {"env_vars": {"LIQUID_SCAN_TRITON": "1"}}}
+    environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(job)
+    assert forwarded_switches(environ) == {"LIQUID_CACHE": "/data/cache"}

@@ -27,6 +27,9 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int):
         super().__init__()
         self.num_experts = num_experts
+        # Index of the first expert held here in the whole layer: a shard's offset (parallel/expert_parallel.py).
+        # Each expert's initial weights are seeded by its index in the layer, so a shard initialises alone.
+        self.expert_offset = 0
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
@@ -118,14 +121,35 @@ class Router(nn.Module):
         # Not a parameter: moved by the balancing rule, never by the optimizer.
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
 
+    @torch.no_grad()
+    def reset_fixed(self):
+        self.expert_bias.zero_()
+
     def forward(self, x):
-        logits = self.gate(x).float()  # [tokens, E]
+        # fp32 scores: top-k over bf16-rounded scores would ignore the expert bias's 1e-3 steps.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())  # [tokens, E]
         scores = logits.sigmoid()
         idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # [tokens, k]
         chosen = scores.gather(-1, idx)
         # The +1e-6 is LFM2-MoE's (transformers' Lfm2MoeTopKRouter), so `lfm2_moe` exports compute the same weights.
         weights = chosen / (chosen.sum(-1, keepdim=True) + 1e-6) * self.routed_scaling
         return idx, weights, logits, scores
+
+
+def combine_top_k(out_sorted, order, weights, *, dtype):
+    """Each token's weighted sum of its top-k expert outputs: out_sorted [tokens * k, d] holds the slots
+    sorted by expert (slot `order[i]` at row i), weights [tokens, k] -> [tokens, d] in `dtype`.
+
+    A gather back to (token, k) and a sum over k in a fixed order: deterministic on every device, where
+    a scatter-add (index_add_) on CUDA adds in whatever order its atomics land. Under autocast the
+    experts compute in bf16 while fp32 weights keep the stream in fp32: the result is the stream's dtype.
+    """
+    tokens, k = weights.shape
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(order.numel(), device=order.device)  # row of each (token, k) slot
+    per_token = out_sorted[slots].view(tokens, k, out_sorted.shape[-1])  # [tokens, k, d]
+    return (per_token * weights[..., None].to(per_token.dtype)).to(dtype).sum(1)
 
 
 class MoE(nn.Module):
@@ -138,20 +162,25 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update (training forward passes only).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
 
+    @torch.no_grad()
+    def reset_fixed(self):
+        self.tokens_per_expert.zero_()
+
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         idx, weights, logits, scores = self.router(flat)
-        counts = torch.bincount(idx.flatten(), minlength=self.num_experts)
+        # A scatter of ones, not bincount: on CUDA bincount reads the largest index back to the host.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=idx.device).scatter_add_(
+            0, idx.flatten(), torch.ones_like(idx.flatten()))
         if self.training:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        order = idx.flatten().argsort(stable=True)
-        token_of = order // idx.shape[1]  # source token of each sorted slot
-        out_sorted = self.experts(flat[token_of], counts)
-        out_sorted = out_sorted * weights.flatten()[order, None].to(out_sorted.dtype)
-        # Under autocast the experts compute in bf16 while fp32 weights keep the residual stream in fp32:
-        # combine in the stream's dtype.
-        y = torch.zeros_like(flat).index_add_(0, token_of, out_sorted.to(flat.dtype))
+        order = idx.flatten().argsort(stable=True)  # slot (token * k + j) at each sorted row
+        # A token's k copies by expand and a permutation: unlike gathering rows by token id, neither has a
+        # scatter-add in its backward, so gradients are deterministic on CUDA too.
+        slots_in = flat.unsqueeze(1).expand(-1, idx.shape[1], -1).reshape(-1, flat.shape[-1])
+        out_sorted = self.experts(slots_in[order], counts)
+        y = combine_top_k(out_sorted, order, weights, dtype=flat.dtype)
         return y.view(shape), self._aux_loss(logits, scores, counts)
 
     def _aux_loss(self, logits, scores, counts):
@@ -173,7 +202,7 @@ class MoE(nn.Module):
         summed over data-parallel ranks so every rank applies the same update.
         """
         counts = self.tokens_per_expert if tokens_per_expert is None else tokens_per_expert
-        if self.cfg.bias_update_rate and counts.sum() > 0:
+        if self.cfg.bias_update_rate:  # no tokens: mean - counts is 0 and the bias stays (no host read to ask)
             self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(counts.mean() - counts)
         self.tokens_per_expert.zero_()
 

@@ -15,6 +15,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def reset_fixed(self):
+        """The state whose initial value is fixed (see LiquidLM.init_weights): a gain of one."""
+        self.weight.fill_(1.0)
+
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

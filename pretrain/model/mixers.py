@@ -5,7 +5,9 @@ start, and has an incremental `step` with its own state for generation. Built th
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -32,17 +34,26 @@ class LiquidMixer(nn.Module):
         hn, hp = self.h * self.n, self.h * self.p
         self.in_proj = nn.Linear(d_model, 2 * hn + 2 * hp, bias=False)  # q, k, v, gate
         self.rate_proj = nn.Linear(d_model, self.h, bias=True)  # input-driven part of the rate
-        taus = torch.exp(torch.linspace(math.log(cfg.tau_min), math.log(cfg.tau_max), self.h))
-        self.log_base_rate = nn.Parameter(-taus.log())  # l_h: exp(l_h) = 1 / tau_h
+        self.tau_range = (cfg.tau_min, cfg.tau_max)
+        self.log_base_rate = nn.Parameter(torch.empty(self.h))  # l_h: exp(l_h) = 1 / tau_h
         self.conv = nn.Conv1d(hp, hp, self.kernel, groups=hp, bias=False) if self.kernel > 0 else None
         self.norm = RMSNorm(self.p, eps=norm_eps)
         self.out_proj = nn.Linear(hp, d_model, bias=False)
         # Hooks that context parallelism (parallel/context_parallel.py) replaces; the defaults are single-device.
         self.scan = liquid_scan  # the recurrence, same signature as liquid_scan
         self.halo = no_halo  # (v, doc_start, K-1) -> inputs before position 0 for the value conv, or None
+        self.reset_fixed()
         with torch.no_grad():
-            self.rate_proj.bias.fill_(-4.0)  # softplus(-4) ~ 0.018: start close to the base time constants
             self.rate_proj.weight.mul_(0.1)
+
+    @torch.no_grad()
+    def reset_fixed(self):
+        """The state whose initial value is fixed (see LiquidLM.init_weights): time constants spread
+        log-uniformly over tau_range, and the rate's bias."""
+        lo, hi = self.tau_range
+        taus = torch.exp(torch.linspace(math.log(lo), math.log(hi), self.h, device=self.log_base_rate.device))
+        self.log_base_rate.copy_(-taus.log())
+        self.rate_proj.bias.fill_(-4.0)  # softplus(-4) ~ 0.018: start close to the base time constants
 
     def _project(self, x, dt):
         """x [batch, seq, d] -> q, k [b, s, h, n], v, gate [b, s, h*p], log_a [b, s, h] (no resets yet)."""
@@ -184,6 +195,52 @@ class AttentionMixer(nn.Module):
 
 
 ATTENTION_BLOCK = 2048  # queries per block of document-masked attention (DocumentMask.blocks)
+ATTENTION_ENV = "LIQUID_ATTENTION"  # "flex" or "blocks": overrides attention_backend()
+
+
+@functools.cache
+def _flex_module():
+    """torch.nn.attention.flex_attention, or None where this torch has none (an exported model may be loaded
+    by an older torch: it then keeps the block path)."""
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process: uncompiled it is the reference path that builds every score."""
+    return torch.compile(_flex_module().flex_attention)
+
+
+def attention_backend(device, *, head_dim: int = 64, group: int = 1) -> str:
+    """The kernel DocumentMask.attend uses on `device`: "flex" (compiled FlexAttention, document bounds in a
+    block mask) on CUDA, "blocks" (SDPA block by block with a boolean mask) elsewhere. `group`: query heads
+    per KV head. Env LIQUID_ATTENTION=flex|blocks overrides it (flex on the CPU: forward only)."""
+    forced = os.environ.get(ATTENTION_ENV, "")
+    if forced:
+        if forced not in ("flex", "blocks"):
+            raise ValueError(f"{ATTENTION_ENV} must be 'flex' or 'blocks'; got {forced!r}")
+        return forced
+    # A boolean mask sends CUDA SDPA to its math backend (fp32 scores saved for backward). Triton's flex
+    # kernels need head_dim >= 16 (tl.dot) and, for short query slices, a power-of-2 GQA group.
+    fits = head_dim >= 16 and (group & (group - 1)) == 0
+    return "flex" if torch.device(device).type == "cuda" and fits and _flex_module() is not None else "blocks"
+
+
+def document_mask_mod(docs: torch.Tensor | None, q_offset: int):
+    """FlexAttention mask_mod of a DocumentMask: query q_idx sits at position q_offset + q_idx among the keys,
+    and sees the keys up to itself in its own document."""
+    if docs is None:
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + q_offset
+        return causal
+
+    def causal_same_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + q_offset) & (docs[b, q_idx + q_offset] == docs[b, kv_idx])
+    return causal_same_document
 
 
 class DocumentMask:
@@ -192,14 +249,17 @@ class DocumentMask:
     docs [b, q_offset + q_len]: the document index of every position, nondecreasing
     along the row (None: the row is one document; then `device` places the masks).
 
-    `blocks()` splits the queries into blocks of ATTENTION_BLOCK and gives each only the keys it can see: from
-    the start of the document its first query is in (the earliest over the batch) up to its last query.
-    A dense [s, s] mask is never built: memory is one block's mask, [b, 1, block, keys], and compute skips
-    every key before a block's first document, so packed short documents cost close to linear time."""
+    `attend` runs the kernel `attention_backend` picks. On CUDA, FlexAttention with a block mask built once
+    per DocumentMask (`block_mask()`, no host sync; every attention layer of a forward shares it when the
+    layout is shared). Elsewhere, `blocks()`: the queries split into blocks of ATTENTION_BLOCK, each given
+    only the keys it can see: from the start of the document its first query is in (the earliest over the
+    batch) up to its last query. A dense [s, s] mask is never built: memory is one block's mask,
+    [b, 1, block, keys], and compute skips every key before a block's first document."""
 
     def __init__(self, docs: torch.Tensor | None, q_offset: int, q_len: int, device=None):
         self.docs, self.q_offset, self.q_len = docs, q_offset, q_len
         self.device = docs.device if docs is not None else device
+        self._block_mask = None
 
     def blocks(self, block: int | None = None):
         """(a, b, lo, hi, mask): queries a..b-1 (local indices) see keys lo..hi-1 through mask [b|1, 1, b-a, hi-lo]."""
@@ -214,8 +274,25 @@ class DocumentMask:
             b = min(a + block, self.q_len)
             yield a, b, lo, self.q_offset + b, self._mask(a, b, lo)
 
-    def attend(self, q, k, v, *, enable_gqa: bool = False) -> torch.Tensor:
-        """SDPA block by block: q [b, heads, q_len, d], k and v [b, kv_heads, q_offset + q_len, d]."""
+    def block_mask(self):
+        """FlexAttention BlockMask [b|1, 1, q_len, q_offset + q_len], built on first use and kept."""
+        if self._block_mask is None:
+            docs = None if self.docs is None else self.docs.contiguous()
+            self._block_mask = _flex_module().create_block_mask(
+                document_mask_mod(docs, self.q_offset), None if docs is None else docs.shape[0], None,
+                self.q_len, self.q_offset + self.q_len, device=self.device)
+        return self._block_mask
+
+    def attend(self, q, k, v, *, enable_gqa: bool = False, backend: str | None = None) -> torch.Tensor:
+        """q [b, heads, q_len, d], k and v [b, kv_heads, q_offset + q_len, d] -> [b, heads, q_len, d].
+        backend: "flex" or "blocks"; None: attention_backend(q.device, ...)."""
+        backend = backend or attention_backend(q.device, head_dim=q.shape[-1], group=q.shape[1] // k.shape[1])
+        if backend == "flex":
+            # Compiled on CUDA only: the CPU runs flex_attention's eager reference, forward only.
+            flex = _compiled_flex_attention() if q.is_cuda else _flex_module().flex_attention
+            return flex(q, k, v, block_mask=self.block_mask(), enable_gqa=enable_gqa)
+        if backend != "blocks":
+            raise ValueError(f"attention backend must be 'flex' or 'blocks'; got {backend!r}")
         return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
                                                          attn_mask=mask, enable_gqa=enable_gqa)
                           for a, b, lo, hi, mask in self.blocks()], dim=2)
@@ -234,12 +311,30 @@ class DocumentMask:
         return (mask if mask.dim() == 3 else mask[None])[:, None]
 
 
+_last_layout: list = []  # [doc_start, key, layout] of the latest shared_layout call
+
+
+def shared_layout(doc_start, key: tuple, build):
+    """build(), or the layout the previous call built when it had this same doc_start tensor (or None), unmodified,
+    and an equal key. Every attention layer of a forward asks with the same doc_start, so they share one
+    DocumentMask and FlexAttention builds one block mask per forward."""
+    if torch.compiler.is_compiling() or (doc_start is not None and doc_start.is_inference()):
+        return build()  # no Python-side cache under tracing; inference tensors have no version counter
+    key = (None if doc_start is None else doc_start._version, *key)
+    if _last_layout and _last_layout[0] is doc_start and _last_layout[1] == key:
+        return _last_layout[2]
+    layout = build()
+    _last_layout[:] = [doc_start, key, layout]
+    return layout
+
+
 def local_attention_layout(doc_start, batch: int, seq: int, device):
     """positions [b, s] restarting at every document, and the DocumentMask of the row (None when the row is
     one document: plain causal attention)."""
-    positions = positions_in_doc(doc_start, batch, seq, device)
-    docs = doc_ids(doc_start, batch, seq, device)
-    return positions, (None if docs is None else DocumentMask(docs, 0, seq))
+    if doc_start is None:
+        return positions_in_doc(None, batch, seq, device), None
+    return shared_layout(doc_start, ("local", batch, seq, torch.device(device)), lambda: (
+        positions_in_doc(doc_start, batch, seq, device), DocumentMask(doc_ids(doc_start, batch, seq, device), 0, seq)))
 
 
 def local_kv(k, v):

@@ -5,6 +5,7 @@ token by token with O(1) state per recurrent layer.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ class MTPModule(nn.Module):
 
 
 class LiquidLM(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -76,21 +77,40 @@ class LiquidLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.layer_types()[-1]) for _ in range(cfg.mtp_depth))
-        self.reset_parameters()
+        for name, module in self.named_modules():
+            module.init_key = name  # seeds its weights; kept when parallel forms rewrap or shard the module
+        if self.embed.weight.device.type != "meta":  # on meta: `materialize` initialises what a rank keeps
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def reset_parameters(self):
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("log_base_rate") or "norm" in name.split(".")[-2] or name.endswith(".bias"):
-                continue  # set by their modules
-            if p.dim() >= 2:
-                is_out = name.endswith(("out_proj.weight", "w2.weight")) or name.endswith("experts.w2")
-                nn.init.normal_(p, std=out_std if is_out else std)
-        for m in self.modules():
-            if isinstance(m, nn.Conv1d):
-                nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.kernel_size[0]))
+    def init_weights(self, seed: int | None = None):
+        """Initialise every weight from a generator of its own, seeded by (seed, its name in this
+        single-device model, and for experts the expert's index in the layer): the values do not depend on
+        the layout, so a rank that keeps only its experts, or a model built on the meta device and
+        materialised after the parallel forms, starts from exactly the single-process weights. seed None:
+        drawn from torch's global generator (torch.manual_seed decides). Fixed state (norm gains, base
+        rates, biases, counters) comes from each module's `reset_fixed`."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        for module in self.modules():
+            if hasattr(module, "reset_fixed"):
+                module.reset_fixed()
+            for name, p in module.named_parameters(recurse=False):
+                std = self._init_std(module, name, p)
+                if std is not None:
+                    _init_normal(p, std, seed=seed, key=f"{module.init_key}.{name}",
+                                 first_index=getattr(module, "expert_offset", None))
+
+    def _init_std(self, module, name: str, p) -> float | None:
+        """The normal's std for a weight (None: fixed by its module): std for matrices, std / sqrt(2 layers)
+        for the projections into the residual stream, 1 / sqrt(kernel) for conv taps."""
+        if isinstance(module, nn.Conv1d) and name == "weight":
+            return 1.0 / math.sqrt(module.kernel_size[0])
+        if p.dim() < 2:
+            return None
+        key = f"{module.init_key}.{name}"
+        is_out = key.endswith(("out_proj.weight", "w2.weight", "experts.w2"))
+        return self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers) if is_out else self.cfg.init_std
 
     def head(self, h):
         return F.linear(self.norm(h), self.embed.weight)  # tied embeddings
@@ -149,6 +169,39 @@ class LiquidLM(nn.Module):
             moe.update_expert_bias()
 
 
-def build_model(cfg, device=None) -> LiquidLM:
+def build_model(cfg, device=None, *, seed: int | None = None) -> LiquidLM:
+    """The model on `device`, initialised (LiquidLM.init_weights). device="meta": nothing is allocated;
+    apply the parallel forms, then `materialize` what this rank keeps."""
     with torch.device(device or "cpu"):
-        return LiquidLM(cfg)
+        return LiquidLM(cfg, seed=seed)
+
+
+def materialize(model: LiquidLM, device, *, seed: int | None = None) -> LiquidLM:
+    """Allocate a model built on the meta device on `device` and initialise it: the same values as
+    `build_model(cfg, device, seed=seed)` for every tensor this model holds."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                real = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                real.__dict__.update(p.__dict__)  # attributes the parallel forms set (to_empty would drop them)
+                module._parameters[name] = real
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device=device)
+    model.init_weights(seed)
+    return model
+
+
+def _init_normal(p, std: float, *, seed: int, key: str, first_index: int | None) -> None:
+    """p ~ N(0, std^2) from generators seeded by (seed, key); stacked experts (first_index not None) take
+    one generator per expert, seeded by its index in the layer. Drawn on the CPU: the same values on
+    every device."""
+    parts = [(p, None)] if first_index is None else [(w, first_index + e) for e, w in enumerate(p.unbind(0))]
+    for part, index in parts:
+        g = torch.Generator().manual_seed(_seed_of(seed, key, index))
+        part.copy_(torch.empty(part.shape).normal_(0.0, std, generator=g))
+
+
+def _seed_of(seed: int, key: str, index: int | None) -> int:
+    digest = hashlib.blake2b(f"{seed}/{key}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

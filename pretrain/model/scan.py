@@ -76,6 +76,13 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
         if scan_triton is not None and scan_triton.use_triton(q):
             return scan_triton.liquid_scan_triton(q, k, v, log_decay, initial_state=initial_state,
                                                   chunk_size=chunk_size, recompute=recompute)
+    # The contract is fp32 accumulation: autocast would run the chunk matmuls in bf16 (on CUDA and CPU).
+    with torch.autocast(q.device.type, enabled=False):
+        return _liquid_scan_chunked(q, k, v, log_decay, initial_state=initial_state, chunk_size=chunk_size,
+                                    recompute=recompute)
+
+
+def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, recompute: bool):
     _check_shapes(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -121,24 +128,23 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
 def _chunk_group(qc, kc, vc, ld, state):
     """Chunks [batch, heads, chunks, chunk, ...] of one group, entering with `state`; returns (y, state)."""
     chunk = ld.shape[-1]
+    # The reset masks are applied whether or not a reset occurs: asking first (`reset.any()`) would read
+    # the answer back to the host, a GPU stall in every group of every layer. Without resets they change
+    # nothing (seg is 0 everywhere).
     reset = torch.isneginf(ld)
-    has_reset = bool(reset.any())
-    ld = ld.masked_fill(reset, 0.0) if has_reset else ld
+    ld = ld.masked_fill(reset, 0.0)
     cum = ld.cumsum(-1)  # log-decay from chunk start to t, inclusive; finite
     seg = reset.int().cumsum(-1)  # segment id: number of resets up to and including t
 
-    pair_ok = torch.ones(chunk, chunk, dtype=torch.bool, device=ld.device).tril()
-    if has_reset:  # s <= t with no reset in (s, t]
-        pair_ok = pair_ok & (seg[..., :, None] == seg[..., None, :])
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=ld.device).tril()
+    pair_ok = causal & (seg[..., :, None] == seg[..., None, :])  # s <= t with no reset in (s, t]
     diff = cum[..., :, None] - cum[..., None, :]
     decay = diff.masked_fill(~pair_ok, float("-inf")).exp()  # [batch, heads, chunks, chunk, chunk]
     y = ((qc @ kc.transpose(-1, -2)) * decay) @ vc  # intra-chunk part
 
     # Each chunk's own contribution to the state at its end, starting from zero.
     last_cum, last_seg = cum[..., -1:], seg[..., -1:]
-    to_end = last_cum - cum
-    if has_reset:
-        to_end = to_end.masked_fill(seg != last_seg, float("-inf"))
+    to_end = (last_cum - cum).masked_fill(seg != last_seg, float("-inf"))
     local_state = (kc * to_end.exp()[..., None]).transpose(-1, -2) @ vc  # [batch, heads, chunks, N, P]
     # Total decay of a chunk; zero when a reset inside it drops the carried state.
     chunk_decay = last_cum[..., 0].exp() * (last_seg[..., 0] == 0)  # [batch, heads, chunks]
@@ -151,7 +157,7 @@ def _chunk_group(qc, kc, vc, ld, state):
         state = decay_c * state + local_c
     carried = torch.stack(states_in, dim=2)  # state entering each chunk
 
-    from_start = cum.masked_fill(seg != 0, float("-inf")) if has_reset else cum
+    from_start = cum.masked_fill(seg != 0, float("-inf"))
     y = y + (qc * from_start.exp()[..., None]) @ carried  # decay of the carried state up to t
     return y, state
 

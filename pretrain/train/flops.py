@@ -28,7 +28,7 @@ class ParamCounts:
     embedding: int
 
 
-def _mixer_params(kind: str, cfg) -> tuple[int, int]:
+def mixer_params(kind: str, cfg) -> tuple[int, int]:
     """(all params, matmul params) of one mixer."""
     d = cfg.d_model
     if kind == "liquid":
@@ -66,7 +66,7 @@ def count_params(cfg) -> ParamCounts:
     blocks = list(zip(cfg.layer_types(), cfg.ffn_types()))
     blocks += [(cfg.layer_types()[-1], "dense")] * cfg.mtp_depth
     for mixer, ffn in blocks:
-        m_all, m_mat = _mixer_params(mixer, cfg)
+        m_all, m_mat = mixer_params(mixer, cfg)
         f_all, f_active, f_expert = _ffn_params(ffn, cfg)
         total += m_all + f_all + 2 * d
         active += m_all + f_active + 2 * d

@@ -1,44 +1,30 @@
-"""The training loop: forward -> loss -> backward -> step -> expert-bias update -> metrics.
-
-It is the only loop. What differs between one process and many ranks sits behind `engine` (gradient
-reduction, ZeRO) and `topology` (context-parallel slicing, global expert load, metric reductions).
+"""The training loop: the one training step (pretrain/train/step.py) until the run's last step, with
+metrics windows, checkpoints when due, and stop requests.
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-import torch
-
-from parallel.collectives import mean_and_any
-from parallel.context_parallel import context_parallel_loss, split_for_context_parallel
-from parallel.expert_parallel import expert_load_stats
+from pretrain.train.step import Placement, train_step
 
 
-def _move(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the last finished global step and the tokens seen up to it."""
+    step: int = 0
+    tokens: int = 0
 
 
-def update_router_biases(model, topology) -> list[float]:
-    """Balance experts with the counts of the whole global batch (the same update on every rank);
-    returns each MoE layer's max/mean tokens-per-expert ratio this step (1.0 = perfect balance)."""
-    stats = expert_load_stats(model, topology.dp_cp_group)
-    for moe, s in zip(model.moe_layers(), stats):
-        moe.update_expert_bias(torch.as_tensor(s["tokens_per_expert"], dtype=moe.tokens_per_expert.dtype,
-                                               device=moe.tokens_per_expert.device))
-    return [round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0]
-
-
-def _micro_step(model, engine, batch, topology, autocast_dtype, device):
-    if topology.cp > 1:
-        batch = split_for_context_parallel(batch, topology.cp_rank, topology.cp)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(batch["input_ids"], labels=batch["labels"], doc_start=batch["doc_start"])
-    loss = out.loss
-    if topology.cp > 1:
-        # The CP shares add up to the row loss; the engine sums gradients over CP and averages over DP.
-        loss = context_parallel_loss(out, batch["labels"], topology.cp_group)
-    engine.backward(loss)
-    return out.lm_loss.detach()
+@dataclass(frozen=True)
+class LoopResult:
+    steps: int  # the last step trained
+    tokens: int
+    stopped: bool  # ended by a stop request (a checkpoint was saved at `steps`)
+    first_record: dict | None  # the first and last metrics windows of this attempt (the summary's losses)
+    last_record: dict | None
 
 
 def last_step(train_cfg) -> int:
@@ -49,49 +35,53 @@ def last_step(train_cfg) -> int:
     return train_cfg.max_steps
 
 
-def train_loop(*, model, engine, data, train_cfg, logger, device, topology, autocast_dtype=None,
-               flops_per_token=None, peak_flops=None, start_step: int = 0, tokens_seen: int = 0,
-               checkpoint=None, stop=None) -> dict:
-    """Train from `start_step` (0, or the step a checkpoint restored) to the last step; `checkpoint`
-    (a CheckpointManager) saves when due, and its training stall is logged with the step. `stop()` (rank 0)
-    says a stop was requested: every rank then saves a checkpoint at this step and returns."""
-    grad_accum = engine.grad_accum
+class _Window:
+    """The steps since the last metrics record: their mean loss, tokens, time and data wait."""
+
+    def __init__(self):
+        self.losses, self.tokens, self.data_wait, self.stall = [], 0, 0.0, None
+        self.start = time.perf_counter()
+
+    def add(self, result, tokens: int, stall: float | None) -> None:
+        self.losses.append(result.loss)
+        self.tokens += tokens
+        self.data_wait += result.data_wait_s
+        if stall is not None:
+            self.stall = (self.stall or 0.0) + stall
+
+    def record(self, step: int, tokens_seen: int, result, engine) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {"step": step, "loss": sum(self.losses) / len(self.losses), "tokens": tokens_seen,
+                "tokens_per_s": self.tokens / seconds, "lr": engine.lr, "grad_norm": result.grad_norm,
+                "expert_load_max_over_mean": max(result.expert_load, default=None),
+                "expert_load_per_layer": result.expert_load, "data_wait_frac": self.data_wait / seconds,
+                "checkpoint_stall_s": round(self.stall, 4) if self.stall is not None else None}
+
+
+def train_loop(engine, data, place: Placement, *, train_cfg, logger, start: Position = Position(),
+               checkpoint=None, should_stop: Callable[[], bool] | None = None) -> LoopResult:
+    """Train from `start` to the last step. `logger.log(record)` gets a record every train.log_interval
+    steps; `checkpoint` (a CheckpointManager) saves when due; `should_stop()` (rank 0's) asks for a stop:
+    every rank then saves a checkpoint at this step and returns."""
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
-    max_steps = last_step(train_cfg)
-    model.train()
-    losses, window_tokens, window_start, data_wait, stall = [], 0, time.perf_counter(), 0.0, None
-    history = []
-    for step in range(start_step + 1, max_steps + 1):
-        step_loss = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            t0 = time.perf_counter()
-            batch = _move(data.next_batch(train_cfg.micro_batch_size), device)
-            data_wait += time.perf_counter() - t0
-            step_loss += _micro_step(model, engine, batch, topology, autocast_dtype, device) / grad_accum
-        load_per_layer = update_router_biases(model, topology)
-        grad_norm = engine.step()
+    max_steps, tokens_seen = last_step(train_cfg), start.tokens
+    engine.model.train()
+    window, first, last = _Window(), None, None
+    for step in range(start.step + 1, max_steps + 1):
+        micro_batches = (data.next_batch(train_cfg.micro_batch_size) for _ in range(engine.grad_accum))
+        result = train_step(engine, micro_batches, place, stop=should_stop is not None and should_stop())
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step}; stopping before the weights are ruined")
         tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        stop_here = stop is not None and stop()  # rank 0 reads the request; every rank learns it below
-        mean_loss, stop_here = mean_and_any(step_loss, stop_here, topology.dp_cp_group)
-        loss = float(mean_loss)
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise FloatingPointError(f"loss is {loss} at step {step}; stopping before the weights are ruined")
-        losses.append(loss)
-        if checkpoint is not None and (checkpoint.due(step, max_steps) or stop_here):
-            stall = (stall or 0.0) + checkpoint.save(step, tokens_seen, engine, data)
-        if step % train_cfg.log_interval == 0 or step == max_steps or stop_here:
-            now = time.perf_counter()
-            tps = window_tokens / (now - window_start)
-            record = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen,
-                      "tokens_per_s": tps, "devices": topology.world, "lr": engine.lr, "grad_norm": grad_norm,
-                      "expert_load_max_over_mean": max(load_per_layer, default=None),
-                      "expert_load_per_layer": load_per_layer, "data_wait_frac": data_wait / (now - window_start),
-                      "mfu": tps * flops_per_token / (peak_flops * topology.world) if peak_flops else None,
-                      "checkpoint_stall_s": round(stall, 4) if stall is not None else None}
-            logger.log(record)
-            history.append(record)
-            losses, window_tokens, window_start, data_wait, stall = [], 0, now, 0.0, None
-        if stop_here:
-            return {"steps": step, "tokens": tokens_seen, "history": history, "stopped": True}
-    return {"steps": max_steps, "tokens": tokens_seen, "history": history, "stopped": False}
+        stall = None
+        if checkpoint is not None and (checkpoint.due(step, max_steps) or result.stop):
+            stall = checkpoint.save(step, tokens_seen, engine, data)
+        window.add(result, tokens_per_step, stall)
+        if step % train_cfg.log_interval == 0 or step == max_steps or result.stop:
+            last = window.record(step, tokens_seen, result, engine)
+            first = first or last
+            logger.log(last)
+            window = _Window()
+        if result.stop:
+            return LoopResult(step, tokens_seen, True, first, last)
+    return LoopResult(max_steps, tokens_seen, False, first, last)

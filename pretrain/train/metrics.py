@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain.run_dir import RunDir
+
 BAR_WIDTH = 20
 
 
@@ -107,13 +109,16 @@ class ProgressPrinter:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True, start_step: int = 0,
-                 max_tokens: int | None = None, tensorboard: bool = True):
+                 max_tokens: int | None = None, tensorboard: bool = True, devices: int = 1,
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
         """A fresh run starts an empty metrics.jsonl (and removes old TensorBoard events); a resumed one keeps
         the records up to `start_step` (those after it were logged by an attempt whose later steps are
         trained again), and TensorBoard purges the events after it. Only an enabled logger (rank 0) writes.
-        `max_tokens` (train.max_tokens) makes the ETA count toward the step where the token budget ends."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        `max_tokens` (train.max_tokens) makes the ETA count toward the step where the token budget ends.
+        Records without them get `devices` and, with FLOPs per token and a peak per device known, their MFU."""
+        self.path = RunDir(run_dir).metrics_file
         self.max_steps, self.max_tokens, self.start_step = max_steps, max_tokens, start_step
+        self.devices, self.flops_per_token, self.peak_flops = devices, flops_per_token, peak_flops
         self.printer = printer
         self.start = time.perf_counter()
         self._file = None
@@ -151,12 +156,24 @@ class MetricsLogger:
         step = record["step"]
         last_step, _ = run_target(record, max_steps=self.max_steps, max_tokens=self.max_tokens)
         eta = elapsed / max(step - self.start_step, 1) * (last_step - step)
-        record = {**record, "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), "time": time.time()}
+        record = {"devices": self.devices, "mfu": self._mfu(record["tokens_per_s"]), **record,
+                  "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), "time": time.time()}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             self._tb.add(record)
         if self.printer is not None:
             self.printer(record)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not (self.peak_flops and self.flops_per_token):
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.devices)
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._file is not None:

@@ -82,8 +82,13 @@ def data_plan(*, tokens: float, block_tokens: int, vocab_size: int, shard_mb: fl
 
 
 def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str = "H100",
-               tokens: float = 10e12, block_tokens: int = BLOCK_TOKENS) -> dict:
+               tokens: float | None = None, block_tokens: int = BLOCK_TOKENS) -> dict:
+    """`tokens` (for the time and data lines) defaults to the run's budget: train.max_tokens, or max_steps'."""
     m, t, p = config.model, config.train, config.parallel
+    if tokens is None:
+        from pretrain.train.loop import last_step
+
+        tokens = last_step(t) * t.global_batch_size * t.seq_len
     with torch.device("meta"):
         built = sum(x.numel() for x in LiquidLM(m).parameters())
     counts = count_params(m)

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-TB_DIR = "tensorboard"
+from pretrain.run_dir import RunDir
+
 TOKENS_SUBDIR = "by_tokens"
 _EVENTS_GLOB = "events.out.tfevents.*"
 
@@ -79,7 +80,7 @@ class TensorBoardWriter:
     def __init__(self, run_dir, *, start_step: int = 0, start_tokens: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
-        self.root = Path(run_dir) / TB_DIR
+        self.root = RunDir(run_dir).tensorboard_dir
         token_dir = self.root / TOKENS_SUBDIR
         if start_step <= 0:
             for path in _event_files(self.root) + _event_files(token_dir):

@@ -1,30 +1,83 @@
 """The per-rank entry point: one line per stage of the data flow.
 
-topology -> data -> model -> parallelize -> engine -> loop. The same function runs in a local process
-(world of one) and on every Ray Train worker (the process group is already initialised there).
+topology -> data -> model -> parallelize -> engine -> restore -> loop. The same function runs in a local
+process (world of one) and on every Ray Train worker (the process group is already initialised there).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checkpoints.manager import (CheckpointManager, clear_stop_request, resume_target, stop_requested,
-                                 write_worker_status)
+from checkpoints.manager import CheckpointManager, resume_target
 from data_pipeline.dataset import build_dataset, stream_specs
 from parallel.collectives import barrier
 from parallel.engine import build_engine
 from parallel.parallelize import parallelize
 from parallel.topology import build_topology, expert_groups_across_nodes, single_process_topology
-from pretrain.config import config_hash, to_yaml
-from pretrain.model.model import build_model
+from pretrain.config import ENV_SWITCHES, config_hash, to_yaml
+from pretrain.model.model import build_model, materialize
+from pretrain.run_dir import RunDir
 from pretrain.train.flops import flops_per_token, peak_flops
-from pretrain.train.loop import last_step, train_loop
+from pretrain.train.loop import LoopResult, Position, last_step, train_loop
 from pretrain.train.metrics import MetricsLogger, ProgressPrinter
+from pretrain.train.step import Placement
+
+
+def train_main(cfg, *, progress: bool = True, launch_id: str | None = None, node: dict | None = None) -> dict:
+    """Train on this rank. `launch_id` names one `liquid pretrain` launch: when Ray restarts the worker
+    group after a failure, the restarted workers resume from that launch's newest checkpoint. `node`: the
+    Ray node's `node_id` and `node_ip` (the launcher looks them up; None outside Ray)."""
+    topology = build_topology_for(cfg)
+    status = WorkerStatus(open_run_dir(cfg, topology), topology, launch_id=launch_id, node=node)
+    status("starting")
+    try:
+        summary = _train(cfg, topology, status, progress=progress)
+    except BaseException as err:
+        status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    status("finished", step=summary["steps"])
+    return summary
+
+
+def _train(cfg, topology, status: "WorkerStatus", *, progress: bool) -> dict:
+    run, launch_id = status.run, status.launch_id
+    place = placement(cfg.train, topology)
+    data = open_data(cfg, run, topology)
+    model = parallelize(build_model(cfg.model, device="meta"), topology)  # nothing allocated yet
+    model = materialize(model, place.device, seed=cfg.train.seed)  # only what this rank keeps
+    engine = engine_for(cfg, model, topology, place)
+    checkpoints, start, resumed_from = restore(cfg, run, topology, engine, data, launch_id=launch_id)
+    status.running(start.step)
+    with ExitStack() as cleanup:
+        for closable in (data, checkpoints):
+            cleanup.callback(closable.close)
+        logger = cleanup.enter_context(metrics_logger(cfg, run, topology, place, start, progress=progress))
+        result = train_loop(engine, data, place, train_cfg=cfg.train, logger=logger, start=start,
+                            checkpoint=checkpoints, should_stop=stop_hook(run, topology))
+    return finish(cfg, run, topology, result, checkpoints=checkpoints, start=start, resumed_from=resumed_from)
+
+
+# ---- the stages -------------------------------------------------------------------------------------------
+
+
+def build_topology_for(cfg):
+    if not dist.is_initialized():
+        return single_process_topology()
+    return build_topology(cfg.parallel, seq_len=cfg.train.seq_len, num_experts=cfg.model.moe.num_experts)
+
+
+def open_run_dir(cfg, topology) -> RunDir:
+    """The run directory; rank 0 writes the resolved config (every start, so it shows the latest overrides)."""
+    run = RunDir(cfg.run.dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if topology.rank == 0:
+        run.write_config(to_yaml(cfg))
+    return run
 
 
 def resolve_device(train_cfg) -> tuple[torch.device, torch.dtype | None]:
@@ -36,49 +89,122 @@ def resolve_device(train_cfg) -> tuple[torch.device, torch.dtype | None]:
     return device, torch.bfloat16 if use_bf16 else None
 
 
-def prepare_run_dir(cfg, rank: int) -> Path:
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return run_dir
+def placement(train_cfg, topology) -> Placement:
+    """Device, autocast dtype and CPU threads of this rank (torch's generator seeded: the same on every rank)."""
+    torch.manual_seed(train_cfg.seed)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    device, dtype = resolve_device(train_cfg)
+    return Placement(topology, device, dtype)
 
 
-def build_topology_for(cfg):
-    if not dist.is_initialized():
-        return single_process_topology()
-    return build_topology(cfg.parallel, seq_len=cfg.train.seq_len, num_experts=cfg.model.moe.num_experts)
-
-
-def prepare_data_once(data_cfg, run_dir: Path, rank: int) -> None:
-    """One process per node prepares (or finds) the cached shards before every rank opens them; rank 0
-    copies the run's tokenizer into the run directory (export and eval read it there)."""
+def open_data(cfg, run: RunDir, topology):
+    """This data-parallel rank's rows, after one process per node prepared (or found) the cached shards;
+    rank 0 copies the run's tokenizer into the run directory (export and eval read it there)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        specs, tokenizer = stream_specs(data_cfg)
-        tokenizer = tokenizer or data_cfg.tokenizer or _dataset_tokenizer(specs)
-        if rank == 0 and tokenizer:
-            (run_dir / "tokenizer").mkdir(exist_ok=True)
-            shutil.copyfile(tokenizer, run_dir / "tokenizer" / "tokenizer.json")
+        specs, tokenizer = stream_specs(cfg.data)
+        tokenizer = tokenizer or cfg.data.tokenizer or _dataset_tokenizer(specs)
+        if topology.rank == 0 and tokenizer:
+            run.copy_tokenizer(tokenizer)
     barrier()
+    t = cfg.train
+    return build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
+                         rank=topology.dp_rank, world=topology.dp)
 
 
-def _node_ip() -> str | None:
-    try:
-        import ray
+def engine_for(cfg, model, topology, place: Placement):
+    """The engine in the run's precision: train.dtype=bf16 is DeepSpeed's bf16 mode on many ranks and the
+    same master-weight mode on one. The LR schedule decays to the run's real end (max_tokens may come
+    before max_steps)."""
+    t = cfg.train
+    return build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=last_step(t),
+                        grad_accum=t.global_batch_size // (t.micro_batch_size * topology.dp),
+                        micro_batch_size=t.micro_batch_size, dtype=place.autocast_dtype)
 
-        return ray.util.get_node_ip_address() if ray.is_initialized() else None
-    except Exception:  # not on Ray
-        return None
+
+def restore(cfg, run: RunDir, topology, engine, data, *, launch_id: str | None):
+    """The checkpoint manager and where training starts: a fresh run, or the checkpoint rank 0 picked
+    (verifying checksums) loaded on every rank. Returns (manager, Position, name of the checkpoint or None)."""
+    checkpoints = CheckpointManager(run.path, cfg.checkpoint, topology=topology, cfg=cfg, launch_id=launch_id)
+    choice = [None]
+    if topology.rank == 0:
+        target = resume_target(run.path, cfg.checkpoint.resume, launch_id=launch_id)
+        choice = [str(target) if target else None]
+    if dist.is_initialized() and topology.world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    start, resumed_from = Position(), None
+    if choice[0] is not None:
+        start = Position(*checkpoints.load(Path(choice[0]), engine, data))
+        resumed_from = Path(choice[0]).name
+    if topology.rank == 0:
+        run.clear_stop()  # a request left by an earlier, finished stop
+    barrier()
+    return checkpoints, start, resumed_from
 
 
-def _warn_if_expert_groups_span_nodes(topology) -> None:
+def metrics_logger(cfg, run: RunDir, topology, place: Placement, start: Position, *, progress: bool):
+    """Rank 0's metrics (metrics.jsonl, TensorBoard, the progress line), with MFU against the device's peak."""
+    t = cfg.train
+    printer = ProgressPrinter(max_steps=t.max_steps, max_tokens=t.max_tokens) if progress else None
+    device_name = torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu"
+    return MetricsLogger(run.path, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
+                         enabled=topology.rank == 0, start_step=start.step, devices=topology.world,
+                         flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak_flops(device_name))
+
+
+def stop_hook(run: RunDir, topology):
+    """Rank 0 reads stop requests (`liquid stop`, the driver's SIGTERM); the step tells every rank."""
+    return run.stop_requested if topology.rank == 0 else None
+
+
+def finish(cfg, run: RunDir, topology, result: LoopResult, *, checkpoints, start: Position,
+           resumed_from: str | None) -> dict:
+    """After the loop: say how to continue a stopped run, export a finished one (rank 0), write the summary."""
+    export = None
+    if result.stopped and topology.rank == 0:
+        run.clear_stop()
+        print(f"stopped on request at step {result.steps} (checkpoint saved); continue with "
+              f"`liquid resume {run.path}`", flush=True)
+    if topology.rank == 0 and cfg.checkpoint.export and checkpoints.saved and not result.stopped:
+        export = _export(run, cfg)
+    summary = {"run_dir": str(run.path), "config_hash": config_hash(cfg), "steps": result.steps,
+               "tokens": result.tokens, "world": topology.world,
+               "first_loss": result.first_record["loss"] if result.first_record else None,
+               "last_loss": result.last_record["loss"] if result.last_record else None,
+               "start_step": start.step, "resumed_from": resumed_from,
+               "checkpoints": [f"step_{s:08d}" for s in checkpoints.saved],
+               "checkpoint_failures": checkpoints.failures, "export": export, "stopped": result.stopped}
+    if topology.rank == 0:
+        run.write_summary(summary)
+    return summary
+
+
+# ---- hooks ------------------------------------------------------------------------------------------------
+
+
+class WorkerStatus:
+    """workers/rank{R}.json through a run: starting, running, finished or failed, with where the rank runs."""
+
+    def __init__(self, run: RunDir, topology, *, launch_id: str | None, node: dict | None):
+        self.run, self.topology, self.launch_id, self.node = run, topology, launch_id, node or {}
+
+    def __call__(self, status: str, **extra) -> None:
+        switches = {k: os.environ[k] for k in ENV_SWITCHES if k in os.environ}  # what this rank computes with
+        self.run.write_worker_status(self.topology.rank, self.topology.world, status, node=self.node,
+                                     launch_id=self.launch_id, switches=switches, **extra)
+
+    def running(self, start_step: int) -> None:
+        node_ip = self.node.get("node_ip")
+        self("running", start_step=start_step, node_ip=node_ip)
+        _warn_if_expert_groups_span_nodes(self.topology, node_ip)
+
+
+def _warn_if_expert_groups_span_nodes(topology, node_ip: str | None) -> None:
     """Expert-parallel all_to_alls belong inside a node: say so when the placement put a group across nodes."""
     if topology.ep <= 1 or not dist.is_initialized():
         return
-    import socket
-
     nodes = [None] * topology.world
-    dist.all_gather_object(nodes, _node_ip() or socket.gethostname())
+    dist.all_gather_object(nodes, node_ip or socket.gethostname())
     split = expert_groups_across_nodes(nodes, topology.ep)
     if split and topology.rank == 0:
         print(f"warning: expert-parallel groups span nodes (ranks {split}); their all_to_all crosses the "
@@ -97,109 +223,16 @@ def _dataset_tokenizer(specs) -> str | None:
     return None
 
 
-def _resume_point(cfg, run_dir: Path, topology, launch_id: str | None):
-    """Rank 0 picks the checkpoint to start from (verifying checksums) and tells every rank."""
-    choice = [None]
-    if topology.rank == 0:
-        target = resume_target(run_dir, cfg.checkpoint.resume, launch_id=launch_id)
-        choice = [str(target) if target else None]
-    if dist.is_initialized() and topology.world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
-
-
-def train_main(cfg, *, progress: bool = True, launch_id: str | None = None) -> dict:
-    """Train on this rank. `launch_id` names one `liquid pretrain` launch: when Ray restarts the worker
-    group after a failure, the restarted workers resume from that launch's newest checkpoint."""
-    t = cfg.train
-    topology = build_topology_for(cfg)
-    run_dir = prepare_run_dir(cfg, topology.rank)
-    write_worker_status(run_dir, topology, "starting", launch_id=launch_id)
-    try:
-        summary = _train(cfg, topology, run_dir, progress=progress, launch_id=launch_id)
-    except BaseException as err:
-        write_worker_status(run_dir, topology, "failed", launch_id=launch_id, error=f"{type(err).__name__}: {err}")
-        raise
-    write_worker_status(run_dir, topology, "finished", launch_id=launch_id, step=summary["steps"])
-    return summary
-
-
-def _train(cfg, topology, run_dir: Path, *, progress: bool, launch_id: str | None) -> dict:
-    t = cfg.train
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device, autocast_dtype = resolve_device(t)
-    grad_accum = t.global_batch_size // (t.micro_batch_size * topology.dp)
-    prepare_data_once(cfg.data, run_dir, topology.rank)
-    data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                         rank=topology.dp_rank, world=topology.dp)
-    model = parallelize(build_model(cfg.model, device=device), topology)
-    # The LR schedule decays to the run's real end (max_tokens may come before max_steps).
-    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=last_step(t), grad_accum=grad_accum,
-                          micro_batch_size=t.micro_batch_size)
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, topology=topology, cfg=cfg, launch_id=launch_id)
-    start_step, tokens, resumed_from = 0, 0, None
-    target = _resume_point(cfg, run_dir, topology, launch_id)
-    if target is not None:
-        start_step, tokens = checkpoints.load(target, engine, data)
-        resumed_from = target.name
-    if topology.rank == 0:
-        clear_stop_request(run_dir)  # a request left by an earlier, finished stop
-    barrier()
-    write_worker_status(run_dir, topology, "running", launch_id=launch_id, start_step=start_step,
-                        node_ip=_node_ip())
-    _warn_if_expert_groups_span_nodes(topology)
-    printer = ProgressPrinter(max_steps=t.max_steps, max_tokens=t.max_tokens) if progress else None
-    logger = MetricsLogger(run_dir, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
-                           enabled=topology.rank == 0, start_step=start_step)
-    peak = peak_flops(torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
-    try:
-        result = train_loop(model=model, engine=engine, data=data, train_cfg=t, logger=logger, device=device,
-                            topology=topology, autocast_dtype=autocast_dtype,
-                            flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak,
-                            start_step=start_step, tokens_seen=tokens, checkpoint=checkpoints,
-                            stop=(lambda: stop_requested(run_dir)) if topology.rank == 0 else None)
-    finally:
-        checkpoints.close()
-        logger.close()
-        data.close()
-    result.update(resumed_from=resumed_from, start_step=start_step, checkpoints=checkpoints.saved,
-                  checkpoint_failures=checkpoints.failures, export=None)
-    if result["stopped"] and topology.rank == 0:
-        clear_stop_request(run_dir)
-        print(f"stopped on request at step {result['steps']} (checkpoint saved); continue with "
-              f"`liquid resume {run_dir}`", flush=True)
-    if topology.rank == 0 and cfg.checkpoint.export and checkpoints.saved and not result["stopped"]:
-        result["export"] = _export(run_dir, cfg)
-    return _write_summary(cfg, run_dir, result, topology)
-
-
-def _export(run_dir: Path, cfg) -> str | None:
+def _export(run: RunDir, cfg) -> str | None:
     """The final checkpoint as Hugging Face weights in RUN_DIR/export (a failure is reported, not fatal:
     the checkpoint is safe and `liquid export` can be run again)."""
     from checkpoints.export import export_run, summary_line
 
     try:
-        summary = export_run(run_dir, run_dir / "export", dtype=cfg.checkpoint.export_dtype, overwrite=True)
+        summary = export_run(run.path, run.export_dir, dtype=cfg.checkpoint.export_dtype, overwrite=True)
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say what went wrong
-        print(f"export: FAILED ({type(err).__name__}: {err}); run `liquid export {run_dir} --out DIR` after "
+        print(f"export: FAILED ({type(err).__name__}: {err}); run `liquid export {run.path} --out DIR` after "
               "fixing it", flush=True)
         return None
     print(summary_line(summary), flush=True)
-    return str(run_dir / "export")
-
-
-def _write_summary(cfg, run_dir: Path, result: dict, topology) -> dict:
-    history = result["history"]
-    summary = {"run_dir": str(run_dir), "config_hash": config_hash(cfg), "steps": result["steps"],
-               "tokens": result["tokens"], "world": topology.world,
-               "first_loss": history[0]["loss"] if history else None,
-               "last_loss": history[-1]["loss"] if history else None,
-               "start_step": result["start_step"], "resumed_from": result["resumed_from"],
-               "checkpoints": [f"step_{s:08d}" for s in result["checkpoints"]],
-               "checkpoint_failures": result["checkpoint_failures"], "export": result["export"],
-               "stopped": result["stopped"]}
-    if topology.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return str(run.export_dir)

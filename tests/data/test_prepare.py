@@ -345,6 +345,18 @@ def test_prepare_to_s3_and_read_back(tmp_path, tokenizer, s3_bucket):
 
 # --- Ray -------------------------------------------------------------------------------------------------------
 
+def test_without_ray_running_the_caller_must_say_how_to_start_it(tmp_path, tokenizer):
+    """How Ray starts (loopback-only unless an address is given) is cluster/safety.py's choice, passed in as
+    ray_init by the CLI: without it and without a running Ray, prepare refuses before writing anything."""
+    import ray
+
+    assert not ray.is_initialized()
+    write_inputs(tmp_path / "in")
+    with pytest.raises(ValueError, match="Ray is not running; pass ray_init"):
+        run([tmp_path / "in"], tmp_path / "out", tokenizer, use_ray=True)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_ray_tasks_write_the_same_bytes_as_in_process(tmp_path, tokenizer):
     """One Ray instance: prepare reuses it (and leaves it running), output equals the in-process path."""

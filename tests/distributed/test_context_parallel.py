@@ -55,7 +55,9 @@ def _check_exchange(rank, world, cases):
         _, s_ref_here = liquid_scan(*(x[:, :mine.stop] for x in (q, k, v, log_decay)), chunk_size=chunk)
 
         local = [x[:, mine].clone().requires_grad_() for x in (q, k, v, log_decay)]
-        y, state = context_parallel_scan(*local, group=dist.group.WORLD, chunk_size=chunk)
+        # Under bf16 autocast the exchange and its correction still accumulate in fp32 (the same numbers).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("autocast", False)):
+            y, state = context_parallel_scan(*local, group=dist.group.WORLD, chunk_size=chunk)
         loss = (y * gy[:, mine]).sum()
         if rank == world - 1:
             loss = loss + (state * gs).sum()
@@ -77,6 +79,8 @@ def test_liquid_exchange_two_ranks():
         # strong decay over long slices: every carried gain underflows to 0, nothing may turn NaN
         {"name": "strong decay", "chunk_size": 16,
          "inputs": dict(seq=512, resets=[(1, 300)], decay_range=(5.0, 40.0), seed=2)},
+        {"name": "bf16 autocast", "chunk_size": 4, "autocast": True,
+         "inputs": dict(seq=24, resets=[(0, 3), (1, 12)], decay_range=(0.01, 0.5), seed=5)},
     ]
     assert run_distributed(_check_exchange, 2, cases, timeout=TIMEOUT) == [True, True]
 

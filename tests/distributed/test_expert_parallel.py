@@ -111,6 +111,23 @@ def moe_case(rank, world, group, case):
             "tokens_received": _tokens_received(moe, x_all[rank], group)}
 
 
+def moe_bf16_starved_case(rank, world, group):
+    """Under bf16 autocast with one EP rank receiving no tokens: every rank must send the stream's dtype
+    back (a rank returning fp32 while the others return bf16 mixes element sizes in the all_to_all)."""
+    moe = make_moe("starved").to(rank_device())
+    reference = copy.deepcopy(moe)
+    apply_expert_parallel(moe, group)
+    x_all, g_all = (t.to(rank_device()) for t in global_batch(world))
+    x = x_all[rank].clone().requires_grad_(True)
+    with torch.autocast(rank_device().type, dtype=torch.bfloat16):
+        y, _ = moe(x)
+        y_ref, _ = reference(x_all[rank])
+    (y * g_all[rank]).sum().backward()
+    assert y.dtype == x.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=2e-2, atol=2e-2)
+    return {"tokens_received": _tokens_received(moe, x_all[rank], group), "grads": grads_of(moe)}
+
+
 def _tokens_received(moe, x, group):
     """Slots this rank's experts received from the whole EP group for input x."""
     counts = torch.bincount(moe.router(x.reshape(-1, D_MODEL))[0].flatten(), minlength=NUM_EXPERTS)
@@ -137,6 +154,7 @@ def run_two_ranks(rank, world):
     group = ep_group(rank, world, 2)
     results = {("moe", 2, case): moe_case(rank, world, group, case) for case in BIASES}
     results[("lm", 2)] = lm_case(rank, world, group)
+    results["bf16_starved"] = moe_bf16_starved_case(rank, world, group)
     with pytest.raises(ValueError, match="divisible"):
         apply_expert_parallel(MoE(D_MODEL, MoEConfig(num_experts=3, top_k=1, expert_dim=8)), group)
     return results
@@ -206,6 +224,9 @@ def test_two_ranks_ep2():
     for case in BIASES:
         check_moe([r[("moe", 2, case)] for r in results], 2, case)
     check_lm([r[("lm", 2)] for r in results])
+    starved = [r["bf16_starved"] for r in results]
+    assert starved[0]["tokens_received"][1] == 0  # rank 1's experts got nothing
+    assert all((g == 0).all() for g in starved[1]["grads"].values() if g.ndim == 3)  # its experts: zero grads
 
 
 def test_four_ranks_ep2_with_expert_replicas_and_ep4():

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from checkpoints.manager import CheckpointManager, find_checkpoint
-from parallel.engine import build_engine, reduce_expert_load
+from parallel.engine import build_engine
+from parallel.parallelize import parallelize
 from parallel.topology import Topology
 from pretrain.config import CheckpointConfig, ParallelConfig, load_config
 from pretrain.model.model import build_model
+from pretrain.train.step import Placement, train_step
 from tests.distributed.harness import run_distributed
 from tests.distributed.test_engine import MAX_STEPS, MODEL, OPTIM, ROWS, SEQ, _close
 from tests.distributed.test_engine import _batches as _engine_batches
@@ -35,33 +37,21 @@ def _config(dp: int, ep: int, zero: int):
 
 def _build(topology, dp, ep, zero, seed):
     torch.manual_seed(seed)
-    model = build_model(MODEL)
-    if ep > 1:
-        from parallel.expert_parallel import apply_expert_parallel
-        apply_expert_parallel(model, topology)
+    model = parallelize(build_model(MODEL), topology)
     engine = build_engine(model, OPTIM, ParallelConfig(dp=dp, ep=ep, zero_stage=zero), topology,
                           max_steps=MAX_STEPS, grad_accum=1, micro_batch_size=ROWS // dp)
     return model, engine
 
 
 def _train(model, engine, topology, dp, steps) -> list[float]:
-    """Steps `steps` (1-based) of the global batches; each DP rank takes its rows. Returns the global losses."""
-    import torch.distributed as dist
-
+    """Steps `steps` (1-based) of the global batches through the training step; each DP rank takes its
+    rows. Returns the global losses."""
+    place = Placement(topology, torch.device("cpu"))
     losses = []
     for step in steps:
         batch = _batches()[step - 1]
         lo = topology.dp_rank * (ROWS // dp)
-        mb = {k: v[lo:lo + ROWS // dp] for k, v in batch.items()}
-        out = model(mb["input_ids"], labels=mb["labels"], doc_start=mb["doc_start"])
-        engine.backward(out.loss)
-        reduce_expert_load(model, topology)
-        engine.step()
-        model.update_expert_bias()
-        loss = out.loss.detach().clone()
-        if topology.world > 1:
-            dist.all_reduce(loss)
-        losses.append(float(loss) / topology.world)
+        losses.append(train_step(engine, [{k: v[lo:lo + ROWS // dp] for k, v in batch.items()}], place).loss)
     return losses
 
 

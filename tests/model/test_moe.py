@@ -253,3 +253,31 @@ def test_fp32_weights_under_bf16_autocast():
     torch.testing.assert_close(y, ref, rtol=5e-2, atol=5e-2)
     y.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in moe.experts.parameters())
+
+
+def test_combine_is_independent_of_the_slot_order():
+    """The combine gathers each token's k outputs back and sums them in k order: the same bits whatever
+    order the slots arrive in (a scatter-add on CUDA adds them in the order its atomics land)."""
+    from pretrain.model.ffn import combine_top_k
+
+    g = torch.Generator().manual_seed(0)
+    tokens, k, d = 64, 4, 32
+    outs = torch.randn(tokens, k, d, generator=g)  # the output of slot (token, j)
+    weights = torch.rand(tokens, k, generator=g)
+    expected = (outs * weights[..., None]).sum(1)
+    for seed in range(3):
+        order = torch.randperm(tokens * k, generator=torch.Generator().manual_seed(seed))
+        got = combine_top_k(outs.reshape(-1, d)[order], order, weights, dtype=torch.float32)
+        assert torch.equal(got, expected), seed
+
+
+def test_router_scores_are_fp32_under_bf16_autocast():
+    """Top-k is chosen from fp32 scores: bf16-rounded scores would hide the expert bias's 1e-3 steps."""
+    moe = make_moe(seed=5)
+    x = torch.randn(256, moe.router.gate.in_features)
+    with torch.no_grad():
+        ref = moe.router(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = moe.router(x)
+    assert got[2].dtype == torch.float32
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])

@@ -32,8 +32,12 @@ def lr_lambda(optim_cfg, max_steps: int):
     return fn
 
 
-def build_optimizer(model, optim_cfg, max_steps: int):
-    opt = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                            betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+def build_optimizer(model, optim_cfg, max_steps: int, *, master: dict | None = None):
+    """AdamW over the model's groups and its schedule; `master` maps a parameter to the tensor the
+    optimizer updates in its place (an fp32 master copy of a bf16 weight)."""
+    master = master or {}
+    groups = [{**g, "params": [master.get(p, p) for p in g["params"]]}
+              for g in param_groups(model, optim_cfg.weight_decay)]
+    opt = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, max_steps))
     return opt, sched

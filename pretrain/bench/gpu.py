@@ -31,10 +31,11 @@ step: a training step of a slice of the preset: layers SLICE_START .. SLICE_STAR
   (dp = ep = cp = 1), seq `--step-seq` (4096) x batch `--batch` (1), one document per row (attention takes
   its causal path, flash where the device has it; the loader's batches carry doc_start, with which
   AttentionMixer attends block by block under a DocumentMask instead), the scan as liquid_scan dispatches it (LIQUID_SCAN_TRITON=1 selects the Triton
-  forward on CUDA; reported as liquid_scan_impl). Precision as the preset trains (train.dtype=bf16 on its
-  multi-rank DeepSpeed engine): bf16 weights and gradients under bf16 autocast, fp32 master weights and
-  AdamW state, gradient clipping (Bf16MasterEngine); the step is `_micro_step` + `update_router_biases` +
-  the optimizer, as in train_loop. `--warmup` steps, then `--steps` timed ones:
+  forward on CUDA; reported as liquid_scan_impl). Precision as the preset trains (train.dtype=bf16):
+  bf16 weights and gradients under bf16 autocast, fp32 master weights and AdamW state, gradient clipping
+  (`build_engine(..., dtype=torch.bfloat16)` on one process: LocalEngine's bf16 mode, DeepSpeed's bf16 mode
+  without the sharding); the step is `pretrain.train.step.train_step`, the one the training loop runs.
+  `--warmup` steps, then `--steps` timed ones:
     tokens_per_s = batch * seq / mean step time;  MFU = tokens_per_s * flops_per_token(slice, seq) /
     peak_flops(device) (flops.py's convention; null where the peak is unknown, e.g. on the CPU).
   mfu_fwd_bwd uses the forward+backward time alone: the real run spreads one optimizer step over many more
@@ -69,9 +70,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench import MEM_FRACTION, _available_bytes, _device_name, _gib, _sdpa_backend, _sync
+from pretrain.bench.common import (MEM_FRACTION, PeakMemory, available_bytes, device_name, gib, log, sdpa_backend,
+                                   sync, time_runs)
 from pretrain.config import load_config
-from pretrain.train.flops import (_mixer_params, attention_flops_per_token, count_params, flops_per_token,
+from pretrain.train.flops import (attention_flops_per_token, count_params, flops_per_token, mixer_params,
                                   peak_flops, scan_flops_per_token)
 
 PRESET = "liquid-8b-a1b"
@@ -90,7 +92,7 @@ QUICK_OVERRIDES = ["model.vocab_size=512", "model.d_model=128", "model.dense_dim
                    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=128"]
 TARGET_MFU, TARGET_BANDWIDTH_FRACTION, TARGET_SEQ = 0.40, 0.60, 32768
 SEED = 0
-# Peak memory bandwidth in bytes/s, matched as a substring of torch.cuda.get_device_name() like
+# Peak memory bandwidth in bytes/s, matched as a substring of torch.cuda.getdevice_name() like
 # flops.PEAK_FLOPS (first match wins: the more specific names come first). CPU: unknown (None).
 PEAK_BANDWIDTH = {
     "H100 PCIe": 2.0e12,
@@ -173,56 +175,10 @@ def mixer_flops_per_token(model_cfg, kind: str, seq: int, *, matmuls: bool = Tru
     plus its scan or attention term."""
     one = _one_layer(model_cfg, kind)
     core = scan_flops_per_token(one) if kind == "liquid" else attention_flops_per_token(one, seq)
-    return (6 * _mixer_params(kind, model_cfg)[1] if matmuls else 0) + core
+    return (6 * mixer_params(kind, model_cfg)[1] if matmuls else 0) + core
 
 
 # ---- measuring ------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-class _PeakMemory:
-    """Peak memory inside a `with` block (PEAK_MEM_METHOD): .peak and .added, in bytes or None."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.base, self.peak, self.added = device, None, None, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        elif _reset_peak_rss():
-            rss = _proc_status_kib("VmRSS")
-            self.base = rss * 1024 if rss is not None else None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.base is not None:
-            hwm = _proc_status_kib("VmHWM")
-            self.peak = hwm * 1024 if hwm is not None else None
-        if self.peak is not None and self.base is not None:
-            self.added = self.peak - self.base
-        return False
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -230,7 +186,7 @@ def _free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
                 - torch.cuda.memory_allocated(device))
-    return _available_bytes(device)
+    return available_bytes(device)
 
 
 def _release(device: torch.device) -> None:
@@ -251,19 +207,6 @@ def _attempt(fn, device: torch.device):
         fail = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
     _release(device)
     return None, fail
-
-
-def _time(run, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        run()
-    runs = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        runs.append(time.perf_counter() - start)
-    return runs
 
 
 def _sig(x: float | None, digits: int = 4) -> float | None:
@@ -337,7 +280,7 @@ def _sdpa_run(ac, batch: int, seq: int, device: torch.device, label: dict):
     k = _randn(g, device, batch, ac.kv_heads, seq, ac.head_dim).bfloat16().requires_grad_()
     v = _randn(g, device, batch, ac.kv_heads, seq, ac.head_dim).bfloat16().requires_grad_()
     dout = _randn(g, device, batch, ac.heads, seq, ac.head_dim).bfloat16()
-    label["backend"] = _sdpa_backend(q, k, v, enable_gqa=True)
+    label["backend"] = sdpa_backend(q, k, v, enable_gqa=True)
     gqa = ac.heads != ac.kv_heads
 
     def run():
@@ -373,8 +316,8 @@ def _memory_skip(prior, seq: int, device: torch.device) -> str | None:
     if avail is None or est <= MEM_FRACTION * avail:
         return None
     how = "quadratic" if power == 2 else "linear"
-    return (f"estimated peak memory {_gib(est)} ({how} extrapolation from the measured {_gib(last_bytes)} at seq "
-            f"{last_seq}; an estimate, not measured) exceeds {MEM_FRACTION:g} of the {_gib(avail)} available")
+    return (f"estimated peak memory {gib(est)} ({how} extrapolation from the measured {gib(last_bytes)} at seq "
+            f"{last_seq}; an estimate, not measured) exceeds {MEM_FRACTION:g} of the {gib(avail)} available")
 
 
 def _measure(make_run, key, seq, last: dict, device: torch.device, args, label: dict | None = None):
@@ -386,8 +329,8 @@ def _measure(make_run, key, seq, last: dict, device: torch.device, args, label: 
         return None, {"skipped": why}
 
     def go():
-        with _PeakMemory(device) as mem:
-            runs = _time(make_run(), device, args.warmup, args.repeats)
+        with PeakMemory(device) as mem:
+            runs = time_runs(make_run(), device, warmup=args.warmup, repeats=args.repeats)
         return {"seconds": round(statistics.median(runs), 9), "runs": [round(r, 9) for r in runs],
                 "peak_added_bytes": mem.added}
 
@@ -405,7 +348,7 @@ def bench_scan(cfg, device: torch.device, args, emit) -> None:
     m = cfg.model
     lc, ac = m.liquid, m.attention
     batch = 1
-    peak_bw = peak_bandwidth(_device_name(device)) if device.type == "cuda" else None
+    peak_bw = peak_bandwidth(device_name(device)) if device.type == "cuda" else None
     impls = scan_impls(device)
     torch.manual_seed(SEED)
     attention_mixer = build_mixer("attention", m.d_model, m).to(device, torch.bfloat16)
@@ -478,52 +421,6 @@ def bench_scan(cfg, device: torch.device, args, emit) -> None:
 # ---- sections step and memory ---------------------------------------------------------------------------
 
 
-def bf16_parameters(model):
-    """The parameters in bf16, the buffers (the routers' expert bias and token counts) left in fp32, as
-    DeepSpeed's bf16 mode leaves them (tests/distributed/test_engine.py checks it there)."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return model
-
-
-class Bf16MasterEngine:
-    """The engine interface the training loop uses (grad_accum, backward, step) for bf16 weights and
-    gradients with fp32 master weights and AdamW state: DeepSpeed's bf16 mode (parallel/engine.py
-    ZeroEngine, how the preset trains) in one process, unsharded. The AdamW groups and gradient clipping
-    are the project's (pretrain/train/optim.py, optim config)."""
-
-    grad_accum = 1
-
-    def __init__(self, model, optim_cfg):
-        from pretrain.train.optim import param_groups
-
-        masters = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-        bf16_parameters(model)
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        groups = [{**g, "params": [masters[name_of[id(p)]] for p in g["params"]]}
-                  for g in param_groups(model, optim_cfg.weight_decay)]
-        self.pairs = [(p, masters[n]) for n, p in model.named_parameters()]
-        self.grad_clip = optim_cfg.grad_clip
-        self.optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                                           eps=optim_cfg.eps)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
-        """fp32 gradients onto the masters, clip, AdamW, bf16 copies back; the norm before clipping."""
-        for p, master in self.pairs:
-            master.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-        stepped = [m for _, m in self.pairs if m.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(stepped, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_copy_([p for p, _ in self.pairs], [m for _, m in self.pairs])
-        return float(norm)
-
-
 def _random_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)
@@ -542,38 +439,42 @@ def _slice_facts(model_cfg, seq: int) -> dict:
 
 def bench_train_step(cfg, device: torch.device, args, emit) -> None:
     """The step section (module docstring): one line."""
+    from parallel.engine import build_engine
     from parallel.topology import Topology
     from pretrain.model.model import build_model
-    from pretrain.train.loop import _micro_step, update_router_biases
+    from pretrain.train.step import Placement, train_step
 
     seq, batch = args.step_seq, args.batch
     head = {"section": "step", "seq": seq, "batch": batch, **_slice_facts(cfg.model, seq),
             "precision": "bf16 weights and gradients, bf16 autocast, fp32 master weights and AdamW state",
             "liquid_scan_impl": dispatched_scan_impl(device),
             "warmup": args.warmup, "steps": args.steps}
-    peak = peak_flops(_device_name(device)) if device.type == "cuda" else None
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
 
     def go():
         torch.manual_seed(SEED)
         model = build_model(cfg.model, device)
-        engine = Bf16MasterEngine(model, cfg.optim)
         topology = Topology.single()
+        engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=args.warmup + args.steps,
+                              grad_accum=1, micro_batch_size=batch, dtype=torch.bfloat16)
+        place = Placement(topology, device, autocast_dtype=torch.bfloat16)
         data = _random_batch(cfg.model.vocab_size, batch, seq, device)
         model.train()
 
         def step():
-            start = time.perf_counter()
-            loss = _micro_step(model, engine, data, topology, torch.bfloat16, device)
-            _sync(device)
-            mid = time.perf_counter()
-            update_router_biases(model, topology)
-            engine.step()
-            _sync(device)
-            return time.perf_counter() - start, mid - start, float(loss)
+            start, backward_done = time.perf_counter(), []
+
+            def before_update():
+                sync(device)
+                backward_done.append(time.perf_counter())
+
+            result = train_step(engine, [data], place, before_update=before_update)
+            sync(device)
+            return time.perf_counter() - start, backward_done[0] - start, result.loss
 
         for _ in range(args.warmup):
             step()
-        with _PeakMemory(device) as mem:
+        with PeakMemory(device) as mem:
             runs = [step() for _ in range(args.steps)]
         return runs, mem.peak
 
@@ -607,8 +508,15 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
     from pretrain.model.model import build_model
 
     m = cfg.model
-    torch.manual_seed(SEED)
-    model, fail = _attempt(lambda: bf16_parameters(build_model(m, device)).train(), device)
+
+    def bf16_model():
+        torch.manual_seed(SEED)
+        model = build_model(m, device)
+        for p in model.parameters():  # the weights as the engine's bf16 mode holds them; buffers stay fp32
+            p.data = p.data.to(torch.bfloat16)
+        return model.train()
+
+    model, fail = _attempt(bf16_model, device)
     mixers = [layer.mixer for layer in model.layers] if model is not None else []
     liquid = [x for x in mixers if isinstance(x, LiquidMixer)]
     state = liquid[0].init_state(1, device, torch.bfloat16) if liquid else {}
@@ -624,17 +532,17 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
         if fail:
             emit({**head, **fail})
             continue
-        avail = _available_bytes(device)
+        avail = available_bytes(device)
         if device.type == "cpu" and avail is not None and head["estimated_bytes"] > MEM_FRACTION * avail:
-            emit({**head, "skipped": f"estimated {_gib(head['estimated_bytes'])} exceeds {MEM_FRACTION:g} of the "
-                                     f"{_gib(avail)} available (an estimate, not measured)"})
+            emit({**head, "skipped": f"estimated {gib(head['estimated_bytes'])} exceeds {MEM_FRACTION:g} of the "
+                                     f"{gib(avail)} available (an estimate, not measured)"})
             continue
         data = _random_batch(m.vocab_size, 1, seq, device)
         if doc_len is not None:
             data["doc_start"] = (torch.arange(seq, device=device) % doc_len == 0)[None]
 
         def go():
-            with _PeakMemory(device) as mem:
+            with PeakMemory(device) as mem:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     out = model(data["input_ids"], labels=data["labels"], doc_start=data["doc_start"])
                 out.loss.backward()
@@ -662,7 +570,7 @@ def summarize(lines: list[dict], device: torch.device, *, quick: bool, wall_s: f
     at = [d for d in scans if d["seq"] == TARGET_SEQ]
     liquid_at = min(at, key=lambda d: d["seconds"]) if at else None
     sdpa_at = next((d for d in lines if d.get("case") == "sdpa" and d["seq"] == TARGET_SEQ and "seconds" in d), None)
-    name = _device_name(device)
+    name = device_name(device)
     return {
         "section": "summary", "device": name, "device_type": device.type, "torch": torch.__version__,
         "quick": quick, "peak_flops": peak_flops(name) if device.type == "cuda" else None,
@@ -700,7 +608,7 @@ def _progress(d: dict) -> None:
         msg = f"skipped: {d['skipped']}" if "skipped" in d else f"ERROR: {d['error']}"
     else:
         msg = ", ".join(fmt.format(d[k]) for k, fmt in _PROGRESS if d.get(k) is not None)
-    print(f"[bench gpu] {what}{where}: {msg}", file=sys.stderr, flush=True)
+    log("gpu", f"{what}{where}: {msg}")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -773,8 +681,8 @@ def main_gpu(argv=None) -> list[dict]:
         if d["section"] != "summary":
             _progress(d)
 
-    print(f"[bench gpu] {_device_name(device)} ({device.type}), torch {torch.__version__}, sections "
-          f"{','.join(args.sections)}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
+    log("gpu", f"{device_name(device)} ({device.type}), torch {torch.__version__}, sections "
+               f"{','.join(args.sections)}{' (quick)' if args.quick else ''}")
     if "scan" in args.sections:
         with _triton_dispatch("0"):
             bench_scan(bench_config(quick=args.quick, seq=max(args.seqs), batch=1, sliced=False), device, args, emit)

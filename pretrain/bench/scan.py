@@ -1,28 +1,28 @@
 """Forward+backward throughput and peak-memory benchmark of the liquid scan against causal attention.
-Run `python -m pretrain.bench --help`; each (case, seq) is measured in a fresh child process."""
+Run `liquid bench scan --help`; each (case, seq) is measured in a fresh child process."""
 from __future__ import annotations
 
 import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.bench.common import (MEM_FRACTION, available_bytes, device_name, gib, peak_rss_kib, print_json,
+                                   sdpa_backend, time_runs)
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
 
 CASES = ("chunked", "chunked_recompute", "reference", "sdpa", "docs_dense", "docs_blocks", "elementwise")
 QUADRATIC = ("sdpa", "docs_dense")  # cases whose memory grows with seq^2
 SEED = 0
 _RESULT_PREFIX = "BENCH_RESULT "
-# Never start a measurement whose extrapolated peak memory exceeds this share of the memory available.
-MEM_FRACTION = 0.75
 # A child still running after this many time budgets (and at least _HARD_TIMEOUT_MIN_S) is killed.
 _HARD_TIMEOUT_BUDGETS = 10.0
 _HARD_TIMEOUT_MIN_S = 120.0
@@ -38,26 +38,6 @@ PEAK_MEM_METHOD = {
 # ----------------------------------------------------------------------------------------------------------
 # Child side: one (case, seq) measurement per process.
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _peak_rss_kib() -> int:
-    """Peak RSS of this process's address space in KiB (VmHWM); ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss // 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _scan_inputs(batch, seq, heads, n, p, device):
@@ -78,23 +58,13 @@ def _sdpa_inputs(batch, seq, heads, n, p, device):
     return [t.to(device).requires_grad_() for t in (q, k, v)]
 
 
-def _sdpa_backend(q, k, v, *, enable_gqa: bool = False) -> str | None:
-    try:  # private API; only used to label the result
-        from torch.nn.attention import SDPBackend
+def _fwd_bwd(loss_fn, inputs):
+    def run():
+        for t in inputs:
+            t.grad = None
+        loss_fn(*inputs).backward()
 
-        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=enable_gqa))).name
-    except Exception:
-        return None
-
-
-def _time_once(loss_fn, inputs, device) -> float:
-    for t in inputs:
-        t.grad = None
-    _sync(device)
-    start = time.perf_counter()
-    loss_fn(*inputs).backward()
-    _sync(device)
-    return time.perf_counter() - start
+    return run
 
 
 def _measure(spec: dict) -> dict:
@@ -108,7 +78,7 @@ def _measure(spec: dict) -> dict:
     chunk = spec["elementwise_chunk_size"] if case == "elementwise" else spec["chunk_size"]
     if case == "sdpa":
         inputs = _sdpa_inputs(batch, seq, spec["heads"], spec["key_dim"], spec["value_dim"], device)
-        extra["sdpa_backend"] = _sdpa_backend(*inputs)
+        extra["sdpa_backend"] = sdpa_backend(*inputs)
 
         def loss_fn(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
@@ -145,17 +115,15 @@ def _measure(spec: dict) -> dict:
     if case == "reference":
         # The loop is slow and its cost per token is constant: warm up on a short prefix, time one full run.
         warm = min(seq, _REFERENCE_WARMUP_TOKENS)
-        _time_once(lambda *xs: loss_fn(*(x[:, :warm] for x in xs)), inputs, device)
-        repeats = 1
+        time_runs(_fwd_bwd(lambda *xs: loss_fn(*(x[:, :warm] for x in xs)), inputs), device, warmup=1, repeats=0)
+        runs = time_runs(_fwd_bwd(loss_fn, inputs), device, warmup=0, repeats=1)
     else:
-        _time_once(loss_fn, inputs, device)
-        repeats = spec["repeats"]
-    runs = [_time_once(loss_fn, inputs, device) for _ in range(repeats)]
+        runs = time_runs(_fwd_bwd(loss_fn, inputs), device, warmup=1, repeats=spec["repeats"])
     wall = time.perf_counter() - start
     if device.type == "cuda":
         peak_kib = torch.cuda.max_memory_allocated(device) / 1024
     else:
-        peak_kib = _peak_rss_kib()
+        peak_kib = peak_rss_kib()
     return {"runs": runs, "wall_s": wall, "peak_kib": peak_kib, **extra}
 
 
@@ -163,7 +131,7 @@ def _child_main() -> int:
     """Entry point of a measuring child: reads a JSON spec on stdin, prints one result line on stdout."""
     spec = json.loads(sys.stdin.read())
     if spec["case"] == "baseline":
-        out = {"peak_kib": _peak_rss_kib()}
+        out = {"peak_kib": peak_rss_kib()}
     else:
         out = _measure(spec)
     sys.stdout.write(_RESULT_PREFIX + json.dumps(out) + "\n")
@@ -178,10 +146,10 @@ def _child_main() -> int:
 
 def _run_child(spec: dict, timeout_s: float) -> dict:
     """Runs one measurement in a fresh interpreter; returns its result or {"error": reason}."""
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-c", "import sys; from pretrain.bench import _child_main; sys.exit(_child_main())"]
+    cmd = [sys.executable, "-c", "import sys; from pretrain.bench.scan import _child_main; sys.exit(_child_main())"]
     try:
         proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -198,36 +166,6 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-def _available_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.3g} GiB"
-
-
 def _sdpa_estimates(seq, heads, batch, last) -> str:
     """Stated estimates for an unmeasured sdpa seq: quadratic time extrapolation and score-matrix size."""
     scores = batch * heads * seq * seq * 4
@@ -240,7 +178,7 @@ def _sdpa_estimates(seq, heads, batch, last) -> str:
         )
     else:
         reason = "no measured time of this case to extrapolate from; "
-    return reason + f"an explicit float32 score matrix [batch*heads, seq, seq] would need {_gib(scores)} (estimate)"
+    return reason + f"an explicit float32 score matrix [batch*heads, seq, seq] would need {gib(scores)} (estimate)"
 
 
 def _progress(d: dict) -> None:
@@ -318,12 +256,12 @@ def bench_scan(
             elif last is not None and last[2] is not None:
                 power = 2 if case in QUADRATIC else 1
                 est = last[2] * (seq / last[0]) ** power
-                avail = _available_bytes(device)
+                avail = available_bytes(device)
                 if avail is not None and est > MEM_FRACTION * avail:
                     reason = (
-                        f"estimated peak memory {_gib(est)} ({'quadratic' if power == 2 else 'linear'} "
-                        f"extrapolation from the measured {_gib(last[2])} at seq {last[0]}; an estimate, "
-                        f"not measured) exceeds {MEM_FRACTION:g} of the {_gib(avail)} available"
+                        f"estimated peak memory {gib(est)} ({'quadratic' if power == 2 else 'linear'} "
+                        f"extrapolation from the measured {gib(last[2])} at seq {last[0]}; an estimate, "
+                        f"not measured) exceeds {MEM_FRACTION:g} of the {gib(avail)} available"
                     )
                     if case in QUADRATIC:
                         reason += "; " + _sdpa_estimates(seq, heads, batch, last[:2])
@@ -376,7 +314,7 @@ def _summary(results: list[dict]) -> dict:
 
 def main_scan(argv=None) -> dict:
     """CLI: progress lines on stderr, exactly one JSON line on stdout. Returns the printed object."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="liquid bench scan", description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=str, default=None, help="comma list (default 1024,4096,16384,65536)")
     p.add_argument("--cases", type=str, default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
     p.add_argument("--heads", type=int, default=16)
@@ -419,7 +357,7 @@ def main_scan(argv=None) -> dict:
     results = bench_scan(**{**config, "seqs": seqs, "cases": cases}, emit=_progress, threads=threads)
     out = {
         "bench": "scan",
-        "device": _device_name(device),
+        "device": device_name(device),
         "threads": threads,
         "torch": torch.__version__,
         "config": {**config, "dtype": "float32", "seed": SEED, "device_type": device.type},
@@ -427,11 +365,8 @@ def main_scan(argv=None) -> dict:
         "results": results,
         "summary": _summary(results),
     }
-    print(json.dumps(out), flush=True)
+    print_json(out)
     return out
 
 
 __all__ = ["bench_scan", "main_scan", "CASES"]
-
-if __name__ == "__main__":
-    main_scan()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.bench.common import log, machine_name, print_json
+
 
 def _log(msg: str) -> None:
-    print(f"[bench data] {msg}", file=sys.stderr, flush=True)
+    log("data", msg)
 
 
 def _corpus(workdir: Path, mb: float) -> Path:
@@ -78,21 +79,25 @@ def _time_memmap(path: Path, *, seq_len: int, batch: int, max_tokens: int) -> di
 
 
 def _time_tiny_training(steps: int) -> float:
-    """tokens/s of the tiny preset's training step on random tokens (the rate the loader must outrun)."""
+    """tokens/s of the tiny preset's training step (train_step, one micro-batch of the whole global batch)
+    on random tokens: the rate the loader must outrun."""
     from parallel.engine import build_engine
+    from parallel.topology import Topology
     from pretrain.config import load_config
     from pretrain.model.model import build_model
+    from pretrain.train.step import Placement, train_step
 
     cfg = load_config("tiny", ["parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1"])
     t = cfg.train
     model = build_model(cfg.model)
     engine = build_engine(model, cfg.optim, cfg.parallel, max_steps=steps + 1, grad_accum=1)
+    place = Placement(Topology.single(), torch.device("cpu"))
     ids = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        engine.backward(model(ids[:, :-1], labels=ids[:, 1:]).loss)
-        engine.step()
+        train_step(engine, [batch], place)
         times.append(time.perf_counter() - start)
     return t.global_batch_size * t.seq_len / (sum(times[1:]) / steps)
 
@@ -100,7 +105,6 @@ def _time_tiny_training(steps: int) -> float:
 def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workdir: Path, train_steps: int) -> dict:
     from data_pipeline.prepare import prepare
     from data_pipeline.tokenizer import train_tokenizer
-    from pretrain.bench import _device_name
 
     corpus = _corpus(workdir, mb)
     _log(f"corpus {corpus.stat().st_size / 2**20:.1f} MiB; training a tokenizer")
@@ -120,7 +124,7 @@ def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workd
     train_tps = _time_tiny_training(train_steps) if train_steps else None
     return {
         "bench": "data",
-        "machine": _device_name(torch.device("cpu")),
+        "machine": machine_name(),
         "cpus": torch.get_num_threads(),
         "prepare": {"tokens": summary["tokens"], "seconds": summary["seconds"],
                     "tokens_per_s_per_process": summary["tokens"] / summary["seconds"],
@@ -152,5 +156,5 @@ def main_data(argv=None) -> dict:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(out), flush=True)
+    print_json(out)
     return out

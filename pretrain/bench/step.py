@@ -1,10 +1,10 @@
 """`liquid bench step`: training tokens/s of a preset on this CPU at 1 and 2 ranks, with the time of a step
 split into compute, communication and data wait.
 
-Every case runs in fresh spawned processes joined in a gloo group on 127.0.0.1 and a free port, built
-by the real pieces in the order of `pretrain.train.worker.train_main`: topology -> data -> model ->
-parallelize -> engine; a step is the body of `pretrain.train.loop.train_loop` (`_micro_step` per
-micro-batch, `update_router_biases`, `engine.step`, the loss mean over the ranks).
+Every case runs in fresh spawned processes joined in a gloo group on 127.0.0.1 and a free port
+(`parallel.spawn.run_ranks`), built by the real pieces in the order of `pretrain.train.worker.train_main`:
+topology -> data -> model -> parallelize -> engine; a step is `pretrain.train.step.train_step`, the one the
+training loop runs.
 
 Per case: `--warmup` steps, then `--steps` timed steps without the profiler (tokens/s, step_ms), then the
 same number of steps under torch.profiler (CPU activities) for the split:
@@ -12,7 +12,8 @@ same number of steps under torch.profiler (CPU activities) for the split:
              `gloo:*` on gloo's worker threads; names listed with --debug) inside the steps, minus data wait.
              The collectives are blocking, so this is time the step spends in or waiting on a collective,
              including waiting for the slower rank;
-  * data:    time in `data.next_batch` + moving the batch to the device (perf_counter around both);
+  * data:    time in `data.next_batch` + moving the batch to the device: train_step's `data_wait_s`
+             (perf_counter around both; the profiler sees the same span as `pretrain.train.step.DATA_EVENT`);
   * compute: the rest of the step (forward, backward, optimizer, router-bias update, Python).
 The three add up to `profiled_step_ms`; the profiler's own overhead is `profiler_overhead_frac`.
 Progress goes to stderr; exactly one JSON line goes to stdout.
@@ -20,16 +21,15 @@ Progress goes to stderr; exactly one JSON line goes to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
-import socket
-import sys
 import time
-import traceback
 
 import torch
+
+from parallel.spawn import run_ranks
+from pretrain.bench.common import log, machine_name, print_json
+from pretrain.train.step import DATA_EVENT
 
 PRESET = "tiny"
 QUICK_OVERRIDES = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -41,11 +41,11 @@ QUICK_OVERRIDES = ["train.seq_len=64", "train.global_batch_size=4", "train.micro
 COMM_PREFIXES = ("c10d::", "gloo:", "nccl:")
 _COMM_WORDS = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "reducescatter",
                "all_to_all", "alltoall", "broadcast", "barrier")
-STEP_EVENT, DATA_EVENT = "liquid_bench::step", "liquid_bench::data"
+STEP_EVENT = "liquid_bench::step"
 
 
 def _log(msg: str) -> None:
-    print(f"[bench step] {msg}", file=sys.stderr, flush=True)
+    log("step", msg)
 
 
 def is_comm_event(name: str) -> bool:
@@ -126,75 +126,9 @@ def _debug_events(rank: int, events) -> None:
     _log("\n".join(lines))
 
 
-# ---- one rank -----------------------------------------------------------------------------------------
-
-
-def _rank_main(rank: int, world: int, spec: dict) -> dict:
-    """Runs in each spawned process (after init_process_group): build, warm up, time, profile."""
-    os.dup2(2, 1)  # DeepSpeed and friends print to stdout; the parent's stdout carries the one JSON line
-    sys.stdout = sys.stderr
-    import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from data_pipeline.dataset import build_dataset
-    from parallel.collectives import barrier, mean_over
-    from parallel.engine import build_engine
-    from parallel.parallelize import parallelize
-    from pretrain.config import load_config
-    from pretrain.model.model import build_model
-    from pretrain.train.loop import _micro_step, _move, update_router_biases
-    from pretrain.train.worker import build_topology_for
-
-    torch.set_num_threads(spec["threads"])
-    cfg = load_config(spec["preset"], spec["overrides"])
-    t = cfg.train
-    topology = build_topology_for(cfg)
-    torch.manual_seed(t.seed)
-    device = torch.device("cpu")
-    grad_accum = t.global_batch_size // (t.micro_batch_size * topology.dp)
-    data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                         rank=topology.dp_rank, world=topology.dp, log=_log)
-    model = parallelize(build_model(cfg.model, device=device), topology)
-    total = spec["warmup"] + 2 * spec["steps"] + 1
-    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=total, grad_accum=grad_accum,
-                          micro_batch_size=t.micro_batch_size)
-    model.train()
-
-    def step(mark: bool) -> tuple[float, float, float]:
-        """One training step as train_loop runs it: (wall seconds, data seconds, loss)."""
-        start, data_s = time.perf_counter(), 0.0
-        step_loss = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            t0 = time.perf_counter()
-            with record_function(DATA_EVENT) if mark else contextlib.nullcontext():
-                batch = _move(data.next_batch(t.micro_batch_size), device)
-            data_s += time.perf_counter() - t0
-            step_loss += _micro_step(model, engine, batch, topology, None, device) / grad_accum
-        update_router_biases(model, topology)
-        engine.step()
-        loss = float(mean_over(step_loss, topology.dp_cp_group))
-        return time.perf_counter() - start, data_s, loss
-
-    try:
-        for _ in range(spec["warmup"]):
-            step(False)
-        barrier()
-        start = time.perf_counter()
-        plain = [step(False) for _ in range(spec["steps"])]
-        plain_s = time.perf_counter() - start
-
-        barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(False)  # the profiler's first step is slower; outside the step windows below
-            profiled = []
-            for _ in range(spec["steps"]):
-                with record_function(STEP_EVENT):
-                    profiled.append(step(True))
-    finally:
-        data.close()
-    events = _profiler_events(prof)
-    if spec["debug"]:
-        _debug_events(rank, events)
+def _comm_seconds(events, *, steps: int) -> tuple[float, int]:
+    """(seconds of collectives inside the STEP_EVENT windows and outside data wait (train_step's DATA_EVENT),
+    number of collective events)."""
     windows = {STEP_EVENT: [], DATA_EVENT: []}
     comm = []
     for name, a, b, _ in events:
@@ -202,78 +136,77 @@ def _rank_main(rank: int, world: int, spec: dict) -> dict:
             windows[name].append((a, b))
         elif is_comm_event(name):
             comm.append((a, b))
-    assert len(windows[STEP_EVENT]) == spec["steps"], (len(windows[STEP_EVENT]), spec["steps"])
+    assert len(windows[STEP_EVENT]) == steps, (len(windows[STEP_EVENT]), steps)
+    return comm_time_us(comm, windows[STEP_EVENT], windows[DATA_EVENT]) / 1e6, len(comm)
+
+
+# ---- one rank -----------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, spec: dict) -> dict:
+    """Runs in each spawned process (after init_process_group): build, warm up, time, profile."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from data_pipeline.dataset import build_dataset
+    from parallel.collectives import barrier
+    from parallel.engine import build_engine
+    from parallel.parallelize import parallelize
+    from parallel.topology import build_topology
+    from pretrain.config import load_config
+    from pretrain.model.model import build_model
+    from pretrain.train.step import Placement, train_step
+
+    cfg = load_config(spec["preset"], spec["overrides"])
+    t = cfg.train
+    topology = build_topology(cfg.parallel, seq_len=t.seq_len, num_experts=cfg.model.moe.num_experts)
+    torch.manual_seed(t.seed)
+    place = Placement(topology, torch.device("cpu"))
+    grad_accum = t.global_batch_size // (t.micro_batch_size * topology.dp)
+    data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
+                         rank=topology.dp_rank, world=topology.dp, log=_log)
+    model = parallelize(build_model(cfg.model, device=place.device), topology)
+    total = spec["warmup"] + 2 * spec["steps"] + 1
+    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=total, grad_accum=grad_accum,
+                          micro_batch_size=t.micro_batch_size)
+    model.train()
+
+    def step() -> tuple[float, float, float]:
+        """One training step: (wall seconds, data seconds, loss)."""
+        start = time.perf_counter()
+        result = train_step(engine, (data.next_batch(t.micro_batch_size) for _ in range(grad_accum)), place)
+        return time.perf_counter() - start, result.data_wait_s, result.loss
+
+    try:
+        for _ in range(spec["warmup"]):
+            step()
+        barrier()
+        start = time.perf_counter()
+        plain = [step() for _ in range(spec["steps"])]
+        plain_s = time.perf_counter() - start
+
+        barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()  # the profiler's first step is slower; outside the step windows below
+            profiled = []
+            for _ in range(spec["steps"]):
+                with record_function(STEP_EVENT):
+                    profiled.append(step())
+    finally:
+        data.close()
+    events = _profiler_events(prof)
+    if spec["debug"]:
+        _debug_events(rank, events)
     n = spec["steps"]
-    comm_s = comm_time_us(comm, windows[STEP_EVENT], windows[DATA_EVENT]) / 1e6
+    comm_s, comm_events = _comm_seconds(events, steps=n)
     prof_step_s = sum(w for w, _, _ in profiled)
     prof_data_s = sum(d for _, d, _ in profiled)
     return {
         "rank": rank, "grad_accum": grad_accum, "threads": torch.get_num_threads(),
         "step_ms": 1e3 * plain_s / n, "data_ms_unprofiled": 1e3 * sum(d for _, d, _ in plain) / n,
         "profiled_step_ms": 1e3 * prof_step_s / n, "comm_ms": 1e3 * comm_s / n, "data_ms": 1e3 * prof_data_s / n,
-        "compute_ms": 1e3 * (prof_step_s - comm_s - prof_data_s) / n, "comm_events": len(comm),
-        "last_loss": profiled[-1][2], "world": dist.get_world_size() if dist.is_initialized() else 1,
+        "compute_ms": 1e3 * (prof_step_s - comm_s - prof_data_s) / n, "comm_events": comm_events,
+        "last_loss": profiled[-1][2], "world": world,
     }
-
-
-# ---- processes (the same protocol as tests/distributed/harness.py, which is not installed with the CLI) --
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, spec: dict, queue) -> None:
-    import torch.distributed as dist
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", _rank_main(rank, world, spec)))
-    except BaseException:  # every failure goes to the parent, which raises it
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(world: int, spec: dict, *, timeout: float) -> list[dict]:
-    """_rank_main on `world` spawned processes in one gloo group; every rank's result, by rank."""
-    import queue as queue_mod
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, spec, queue)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    results, error = {}, None
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world and error is None:
-            try:
-                rank, status, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except queue_mod.Empty:
-                error = f"no result from ranks {sorted(set(range(world)) - set(results))} after {timeout:g} s"
-                break
-            if status == "ok":
-                results[rank] = value
-            else:
-                error = f"rank {rank} failed:\n{value}"
-    finally:
-        for proc in procs:
-            proc.join(timeout=5 if error else 30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if error:
-        raise RuntimeError(error)
-    return [results[r] for r in range(world)]
 
 
 # ---- parent -------------------------------------------------------------------------------------------
@@ -301,12 +234,6 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def machine_name() -> str:
-    from pretrain.bench import _device_name
-
-    return _device_name(torch.device("cpu"))
-
-
 def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
@@ -318,12 +245,12 @@ def run_case(dp: int, ep: int, *, base_overrides: list[str], steps: int, warmup:
     overrides = list(base_overrides) + [f"parallel.dp={dp}", f"parallel.ep={ep}", f"cluster.num_workers={dp}"]
     cfg = load_config(PRESET, overrides)  # validates the layout before anything is spawned
     threads = max(1, cores // dp)
-    spec = {"preset": PRESET, "overrides": overrides, "steps": steps, "warmup": warmup, "threads": threads,
-            "debug": debug}
+    spec = {"preset": PRESET, "overrides": overrides, "steps": steps, "warmup": warmup, "debug": debug}
     _log(f"dp={dp} ep={ep}: {dp} process(es) x {threads} thread(s), {warmup} warm-up + {steps} timed + "
          f"{steps} profiled steps")
     started = time.perf_counter()
-    ranks = run_ranks(dp, spec, timeout=timeout)
+    # stdout to stderr: DeepSpeed and friends print, and the parent's stdout carries the one JSON line.
+    ranks = run_ranks(_rank_main, dp, spec, timeout=timeout, threads=threads, stdout_to_stderr=True)
     t = cfg.train
     tokens = t.global_batch_size * t.seq_len
     step_ms = max(r["step_ms"] for r in ranks)  # the step ends with a collective: the slowest rank sets the pace
@@ -399,13 +326,8 @@ def main_step(argv=None) -> dict:
         "micro_batch_size": cfg.train.micro_batch_size, "tokens_per_step": cfg.train.seq_len * cfg.train.global_batch_size,
         "dtype": "float32", "results": results, "wall_s": round(time.perf_counter() - started, 1), "note": note,
     }
-    print(json.dumps(out), flush=True)
+    print_json(out)
     return out
 
 
 __all__ = ["main_step", "parse_layouts", "comm_time_us", "is_comm_event"]
-
-if __name__ == "__main__":
-    from pretrain.bench_step import main_step as _main  # the ranks unpickle functions of the module, not __main__
-
-    _main()

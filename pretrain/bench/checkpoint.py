@@ -35,17 +35,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from pretrain.bench.common import log, machine_name, print_json
 
 PRESET = "tiny"
 SINGLE_RANK = ["parallel.dp=1", "parallel.ep=1", "parallel.cp=1", "cluster.num_workers=1", "cluster.launcher=local"]
@@ -61,7 +61,7 @@ _CHUNK = 64 << 20
 
 
 def _log(msg: str) -> None:
-    print(f"[bench checkpoint] {msg}", file=sys.stderr, flush=True)
+    log("checkpoint", msg)
 
 
 def large_overrides(d_model: int, layers: int, experts: int, expert_dim: int) -> list[str]:
@@ -92,9 +92,11 @@ class Case:
         from parallel.parallelize import parallelize
         from parallel.topology import single_process_topology
         from pretrain.model.model import build_model
+        from pretrain.train.step import Placement
 
         self.cfg, self.device = cfg, torch.device("cpu")
         self.topology = single_process_topology()
+        self.place = Placement(self.topology, self.device)
         t = cfg.train
         torch.manual_seed(seed)
         self.model = parallelize(build_model(cfg.model, device=self.device), self.topology)
@@ -105,18 +107,17 @@ class Case:
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def step(self) -> None:
-        """One training step as train_loop runs it, on random tokens."""
-        from pretrain.train.loop import _micro_step, update_router_biases
+        """One training step (the training loop's train_step) on random tokens."""
+        from pretrain.train.step import train_step
 
+        train_step(self.engine, (self._random_batch() for _ in range(self.engine.grad_accum)), self.place)
+
+    def _random_batch(self) -> dict:
         t = self.cfg.train
-        for _ in range(self.engine.grad_accum):
-            ids = torch.randint(0, self.cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=self.gen)
-            doc_start = torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.bool)
-            doc_start[:, 0] = True
-            batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "doc_start": doc_start}
-            _micro_step(self.model, self.engine, batch, self.topology, None, self.device)
-        update_router_biases(self.model, self.topology)
-        self.engine.step()
+        ids = torch.randint(0, self.cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=self.gen)
+        doc_start = torch.zeros(t.micro_batch_size, t.seq_len, dtype=torch.bool)
+        doc_start[:, 0] = True
+        return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "doc_start": doc_start}
 
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -423,8 +424,6 @@ def main_checkpoint(argv=None) -> dict:
 
     from importlib.metadata import version
 
-    from pretrain.bench_step import machine_name
-
     note = ("One process, world 1, LocalEngine, fp32 on CPU; GB = 1e9 bytes; medians of `repeats`. "
             "save = CheckpointManager.save with async_save=false (gather to host + write + fsync + sha256 + "
             "manifest + rename), which is also the synchronous stall. load = find_checkpoint (sha256 of every "
@@ -448,11 +447,8 @@ def main_checkpoint(argv=None) -> dict:
         "load_restores": all(r["load_restores"] for r in results),
         "wall_s": _r(time.perf_counter() - started, 1), "note": note,
     }
-    print(json.dumps(out), flush=True)
+    print_json(out)
     return out
 
 
 __all__ = ["main_checkpoint", "large_overrides", "evict_from_page_cache", "same_state"]
-
-if __name__ == "__main__":
-    main_checkpoint()

@@ -1,0 +1,99 @@
+"""One global training step, the only code that trains: the loop, the equivalence tests and the benchmarks
+all call `train_step`.
+
+micro-batches (forward under autocast, backward through the engine) -> expert-bias update from the counts
+summed over dp x cp -> engine.step (reduce, clip, update) -> the loss averaged over ranks. What differs
+between one process and many ranks sits behind `engine` (gradient reduction, ZeRO, bf16 masters) and
+`topology` (context-parallel slicing, global expert load, metric reductions).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch.autograd.profiler import record_function
+
+from parallel.collectives import mean_and_count
+from parallel.context_parallel import context_parallel_loss, split_for_context_parallel
+from parallel.expert_parallel import global_expert_counts, load_stats
+
+DATA_EVENT = "liquid::data"  # profiler label of fetching and moving a micro-batch (bench step reads it)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a step runs: this rank's place in the layout, its device, and the autocast dtype (None: fp32)."""
+    topology: object  # parallel.topology.Topology
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # language-model loss: mean over the micro-batches and the dp x cp ranks
+    grad_norm: float  # global gradient norm before clipping
+    expert_load: list[float]  # per MoE layer that routed tokens: max / mean tokens per expert (1.0 = even)
+    expert_counts: list[list[float]]  # per MoE layer: tokens per expert, summed over dp x cp
+    data_wait_s: float  # seconds spent fetching and moving micro-batches
+    stop: bool  # some rank asked to stop at this step
+
+
+def train_step(engine, micro_batches: Iterable[dict], place: Placement, *, stop: bool = False,
+               before_update: Callable[[], None] | None = None) -> StepResult:
+    """One optimizer step of `engine.model` over `engine.grad_accum` micro-batches of this rank's rows
+    (dicts of input_ids, labels, doc_start; whole rows: context parallelism slices them here).
+    `before_update` runs after the last backward and before the engine steps (tests read gradients
+    there). `stop` (this rank's request) rides on the loss reduction, so every rank learns it without
+    another collective."""
+    model, topology, device = engine.model, place.topology, place.device
+    batches = iter(micro_batches)
+    step_loss = torch.zeros((), device=device)
+    data_wait = 0.0
+    for i in range(engine.grad_accum):
+        start = time.perf_counter()
+        with record_function(DATA_EVENT):
+            batch = next(batches, None)
+            if batch is None:
+                raise ValueError(f"train_step got {i} micro-batches; the engine accumulates {engine.grad_accum}")
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
+        data_wait += time.perf_counter() - start
+        step_loss += _micro_step(model, engine, batch, place) / engine.grad_accum
+    if before_update is not None:
+        before_update()
+    counts = update_router_biases(model, topology)
+    grad_norm = engine.step()
+    loss_and_stops = mean_and_count(step_loss, stop, topology.dp_cp_group)
+    # The step's one host read: loss, stop requests, gradient norm and expert counts together.
+    parts = [loss_and_stops, torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1)]
+    values = torch.cat(parts + ([counts.flatten().to(device)] if counts is not None else [])).tolist()
+    rows = [values[3 + i * counts.shape[1]:3 + (i + 1) * counts.shape[1]] for i in range(counts.shape[0])] \
+        if counts is not None else []
+    stats = load_stats(rows)
+    return StepResult(loss=values[0], grad_norm=values[2],
+                      expert_load=[round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0],
+                      expert_counts=rows, data_wait_s=data_wait, stop=values[1] > 0)
+
+
+def _micro_step(model, engine, batch: dict, place: Placement) -> torch.Tensor:
+    topology, dtype = place.topology, place.autocast_dtype
+    if topology.cp > 1:
+        batch = split_for_context_parallel(batch, topology.cp_rank, topology.cp)
+    with torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(batch["input_ids"], labels=batch["labels"], doc_start=batch.get("doc_start"))
+    loss = out.loss
+    if topology.cp > 1:
+        # The CP shares add up to the row loss; the engine sums gradients over CP and averages over DP.
+        loss = context_parallel_loss(out, batch["labels"], topology.cp_group)
+    engine.backward(loss)
+    return out.lm_loss.detach()
+
+
+def update_router_biases(model, topology) -> torch.Tensor | None:
+    """Balance experts with the counts of the whole global batch (the same update on every rank, on the
+    device); returns those counts [MoE layers, E], or None without MoE layers."""
+    counts = global_expert_counts(model, topology.dp_cp_group)
+    for moe, row in zip(model.moe_layers(), counts if counts is not None else []):
+        moe.update_expert_bias(row.to(moe.tokens_per_expert.dtype))
+    return counts
