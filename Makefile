@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The defaults run the tiny preset; pass ARGS for a preset and overrides, e.g. make pretrain ARGS="tiny train.max_steps=50"
 ARGS ?=
 
-.PHONY: pretrain test venv bench clean
+.PHONY: pretrain test venv bench clean golden-losses
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/liquid bench scan
+
+# Regenerate tests/assets/losses/tiny_cpu.json (the golden loss curve tests/test_golden_losses.py compares
+# against) after an intended numerical change.
+golden-losses: $(STAMP)
+	$(PY) -m tests.golden_losses --write
 
 # Export checks against transformers 5 (its own environment): make check-export-hf5
 include Makefile.export

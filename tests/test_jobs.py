@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -163,7 +163,6 @@ class Cluster:
     token: str
     home: Path  # HOME of the clients: .ray/auth_token holds the token
     base: Path
-    state: dict = field(default_factory=dict)
 
     def env(self, **extra) -> dict:
         return _clean_env(HOME=str(self.home), **extra)
@@ -261,15 +260,30 @@ def test_clear_errors_for_a_missing_or_wrong_token_or_no_cluster(cluster, tmp_pa
     assert r.returncode == 2 and "no job nosuchjob" in r.stderr, r.stderr
 
 
-def test_submit_follow_and_status(cluster, tmp_path):
-    run_dir = tmp_path / "run"
+@dataclass
+class FinishedJob:
+    job: str
+    run_dir: Path
+    submit: subprocess.CompletedProcess  # `liquid submit`
+    follow: subprocess.CompletedProcess  # `liquid logs JOB --follow`, returned when the job ended
+
+
+@pytest.fixture(scope="module")
+def finished_job(cluster, tmp_path_factory) -> FinishedJob:
+    """A 4-step job submitted and followed to its end, for any test that needs a finished job."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
     r = liquid("submit", "tiny", f"run.dir={run_dir}", *SMALL, "train.max_steps=4", "train.log_interval=2",
                "--address", cluster.address, env=cluster.env())
     assert r.returncode == 0, r.stdout + r.stderr
     job = _job_id(r.stdout)
-    assert f"run directory on the cluster: {run_dir}" in r.stdout
     # Follow the logs to the end (the address from RAY_ADDRESS this time).
-    logs = liquid("logs", job, "--follow", env=cluster.env(RAY_ADDRESS=cluster.address))
+    follow = liquid("logs", job, "--follow", env=cluster.env(RAY_ADDRESS=cluster.address))
+    return FinishedJob(job=job, run_dir=run_dir, submit=r, follow=follow)
+
+
+def test_submit_follow_and_status(cluster, finished_job):
+    job, run_dir, r, logs = finished_job.job, finished_job.run_dir, finished_job.submit, finished_job.follow
+    assert f"run directory on the cluster: {run_dir}" in r.stdout
     assert logs.returncode == 0, logs.stdout + logs.stderr
     assert f"job {job}: SUCCEEDED" in logs.stderr, logs.stdout[-3000:] + logs.stderr
     assert "done: step 4" in logs.stdout and "Connected to Ray cluster" in logs.stdout  # the driver joined it
@@ -280,14 +294,17 @@ def test_submit_follow_and_status(cluster, tmp_path):
     assert f"job {job}: SUCCEEDED" in status.stdout
     assert re.search(r"step 4/4 \| loss \d+\.\d{4} \| [\d,]+ tok/s .*\(from .*metrics\.jsonl\)", status.stdout), \
         status.stdout
-    # ... or from the job's logs; without JOB, the newest job submitted by liquid.
-    status = liquid("status", "--from-logs", "--address", cluster.address, env=cluster.env())
+    # ... or from the job's logs (`status` without JOB, the newest liquid job, is checked by the stop test:
+    # which job is newest here depends on which tests ran before).
+    status = liquid("status", job, "--from-logs", "--address", cluster.address, env=cluster.env())
     assert f"job {job}: SUCCEEDED" in status.stdout
     assert re.search(r"step 4/4 \| loss \d+\.\d{4} \| [\d,]+ tok/s .*\(from the job's logs\)", status.stdout), \
         status.stdout
+    listing = liquid("jobs", "--address", cluster.address, env=cluster.env())
+    assert re.search(rf"^{re.escape(job)}\s+SUCCEEDED\s+.*{re.escape(str(run_dir))}$", listing.stdout, re.M), \
+        listing.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["checkpoints"] == ["step_00000004"]
-    cluster.state["summary"] = summary
+    assert summary["steps"] == 4 and summary["checkpoints"] == ["step_00000004"] and summary["stopped"] is False
     _no_secret(cluster, job, run_dir, r.stdout, r.stderr, logs.stdout, logs.stderr, status.stdout)
 
 
@@ -303,7 +320,8 @@ def test_stop_ends_the_job_with_a_checkpoint(cluster, tmp_path):
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline, liquid("logs", job, "--address", cluster.address, env=cluster.env()).stdout
         time.sleep(0.5)
-    status = liquid("status", "--address", cluster.address, env=cluster.env())  # the newest liquid job: this one
+    # Without JOB: the newest liquid job, this one (nothing else is submitted while a test runs).
+    status = liquid("status", "--address", cluster.address, env=cluster.env())
     assert f"job {job}: RUNNING" in status.stdout and re.search(r"step \d+/5000 \| loss", status.stdout), status.stdout
 
     stop = liquid("stop", job, "--address", cluster.address, env=cluster.env())
@@ -312,12 +330,9 @@ def test_stop_ends_the_job_with_a_checkpoint(cluster, tmp_path):
     listing = liquid("jobs", "--address", cluster.address, env=cluster.env())
     assert re.search(rf"^{re.escape(job)}\s+STOPPED\s+.*{re.escape(str(run_dir))}$", listing.stdout, re.M), \
         listing.stdout
-    assert "SUCCEEDED" in listing.stdout  # the first test's job
 
-    # The driver turns SIGTERM into "save a checkpoint and exit" when its summary knows "stopped"
-    # (pretrain/train/worker.py); with that in place, the stop must leave a checkpoint at the stop step.
-    if "stopped" not in cluster.state.get("summary", {}):
-        pytest.skip("the driver does not handle SIGTERM yet (no 'stopped' in summary.json): no stop checkpoint")
+    # The driver turns SIGTERM into "save a checkpoint and exit" (pretrain/train/worker.py): the stop leaves a
+    # checkpoint at the stop step.
     logs = liquid("logs", job, "--address", cluster.address, env=cluster.env()).stdout
     assert (run_dir / "summary.json").exists(), (
         "the job stopped without summary.json, so the run saved no stop checkpoint. If the log shows `*** SIGTERM "
