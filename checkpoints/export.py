@@ -473,7 +473,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, dt
     tokenizer = run_tokenizer(run_dir)
     from checkpoints.manager import find_checkpoint, read_model_state
 
-    ckpt = Path(find_checkpoint(run_dir, step))
+    ckpt = Path(find_checkpoint(run_dir, step, reverify=False))  # not hashed again if this process just wrote it
     state = read_model_state(ckpt)
     source = {"run_name": cfg.run.name, "checkpoint": str(ckpt), "step": _step_of(ckpt)}
     return export_model(cfg.model, state, out, tokenizer=tokenizer, seq_len=cfg.train.seq_len, dtype=dtype,

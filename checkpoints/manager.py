@@ -16,7 +16,10 @@ renames the directory and replaces `latest`, then applies retention. One save in
 A failed save (disk full, permissions, a rank killed) never touches an earlier checkpoint.
 
 Load: the newest checkpoint whose manifest and checksums verify; a torn or corrupt one is reported by
-name and skipped. Tensors are read with safetensors and the rest is JSON: nothing is unpickled.
+name and skipped. The ranks verify together, each hashing a 1/world share of the files, and each reads
+back only the rows of its ZeRO fragments and its own rank file, so neither grows with the number of ranks.
+Tensors are read with safetensors and the rest is JSON: nothing is unpickled. Finding checkpoints and
+verifying them alone (find_checkpoint, resume_target, ...) lives in checkpoints/manifest.py.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import sys
@@ -34,78 +36,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from checkpoints.manifest import (FORMAT, MANIFEST, CorruptCheckpoint, fsync_dir, library_versions,
-                                  read_manifest, sha256_file, verify, write_json_atomic)
-from pretrain.run_dir import RunDir
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from checkpoints.manifest import (FORMAT, MANIFEST, CorruptCheckpoint, check_file, checkpoint_root, first_good,
+                                  hash_share, library_versions, list_checkpoints, newest_checkpoint, read_manifest,
+                                  remember_verified, resume_candidates, sha256_file, step_dir_name, verify,
+                                  was_verified)
+from checkpoints.manifest import find_checkpoint, resume_target  # noqa: F401 - callers import them from here
+from pretrain.run_dir import RunDir, fsync_dir, write_json_atomic
 
 
 class CheckpointError(RuntimeError):
     """A save that could not complete (earlier checkpoints are untouched)."""
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(run_dir) -> Path:
-    return RunDir(run_dir).checkpoints_dir
-
-
-def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """(step, directory) of every finished-looking checkpoint directory, newest first (not yet verified)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def find_checkpoint(run_dir, step: int | None = None, *, checksums: bool = True, log=None) -> Path:
-    """The newest complete checkpoint of a run whose files verify (or the one at `step`).
-
-    Torn or corrupt checkpoints are reported through `log` and skipped; ValueError when none is usable.
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
-    candidates = list_checkpoints(run_dir)
-    if step is not None:
-        candidates = [(s, p) for s, p in candidates if s == step]
-        if not candidates:
-            steps = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
-            raise ValueError(f"{run_dir} has no checkpoint at step {step} (steps saved: {steps})")
-    skipped = []
-    for _, path in candidates:
-        try:
-            verify(path, checksums=checksums)
-            return path
-        except CorruptCheckpoint as err:
-            log(f"checkpoint: skipping {err}")
-            skipped.append(str(err))
-    detail = f"; skipped: {'; '.join(skipped)}" if skipped else ""
-    raise ValueError(f"no complete checkpoint in {checkpoint_root(run_dir)}{detail}")
-
-
-def newest_checkpoint(run_dir, *, log=None) -> Path | None:
-    """find_checkpoint, or None when the run has no usable checkpoint."""
-    if not list_checkpoints(run_dir):
-        return None
-    try:
-        return find_checkpoint(run_dir, log=log)
-    except ValueError:
-        return None
-
-
 class TensorReader:
-    """Reads tensors (or row slices of them) of a verified checkpoint by kind and single-process name."""
+    """Reads tensors (or row slices of them) of a verified checkpoint by kind and single-process name,
+    counting the files it opens and the bytes it reads (`files`, `bytes_read`)."""
 
     def __init__(self, ckpt: Path, manifest: dict):
         self.ckpt, self.index = Path(ckpt), manifest["tensors"]
         self._files = {}
+        self.bytes_read = 0
+
+    @property
+    def files(self) -> set[str]:
+        return set(self._files)
 
     def _open(self, name: str):
         from safetensors import safe_open
@@ -113,6 +69,13 @@ class TensorReader:
         if name not in self._files:
             self._files[name] = safe_open(str(self.ckpt / name), framework="pt")
         return self._files[name]
+
+    def _counted(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def tensor(self, file: str, key: str) -> torch.Tensor:
+        return self._counted(self._open(file).get_tensor(key))
 
     def read(self, kind: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         entry = self.index.get(f"{kind}/{name}")
@@ -122,14 +85,14 @@ class TensorReader:
         start, stop = rows if rows is not None else (0, shape[0] if shape else 0)
         if not shape:  # a scalar
             piece = entry["pieces"][0]
-            return self._open(piece["file"]).get_tensor(piece["key"])
+            return self.tensor(piece["file"], piece["key"])
         parts, covered = [], start
         for piece in sorted(entry["pieces"], key=lambda p: (p["rows"] or [0])[0]):
             lo, hi = piece["rows"] or (0, shape[0])
             a, b = max(lo, covered), min(hi, stop)
             if a >= b or a != covered:
                 continue
-            parts.append(self._open(piece["file"]).get_slice(piece["key"])[a - lo:b - lo])
+            parts.append(self._counted(self._open(piece["file"]).get_slice(piece["key"])[a - lo:b - lo]))
             covered = b
         if covered != stop:
             raise CorruptCheckpoint(f"{self.ckpt.name}: rows [{start}, {stop}) of {kind}/{name} are not all saved")
@@ -156,10 +119,10 @@ def _rng_state() -> tuple[dict, dict]:
     return tensors, plain
 
 
-def _set_rng_state(reader_file, plain: dict) -> None:
-    torch.set_rng_state(reader_file.get_tensor("rng/torch"))
-    if "rng/cuda" in reader_file.keys() and torch.cuda.is_available():
-        torch.cuda.set_rng_state(reader_file.get_tensor("rng/cuda"))
+def _set_rng_state(reader: TensorReader, file: str, plain: dict) -> None:
+    torch.set_rng_state(reader.tensor(file, "rng/torch"))
+    if "rng/cuda" in reader._open(file).keys() and torch.cuda.is_available():
+        torch.cuda.set_rng_state(reader.tensor(file, "rng/cuda"))
     version, state, gauss = plain["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = plain["numpy"]
@@ -170,8 +133,22 @@ def _model_dict(model_cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(model_cfg)))
 
 
+@dataclasses.dataclass
+class ReadStats:
+    """What this rank read of a checkpoint: the files it opened (or hashed) and the bytes it read of them."""
+    files: set = dataclasses.field(default_factory=set)
+    bytes: int = 0
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.files.add(name)
+        self.bytes += nbytes
+
+
 class CheckpointManager:
-    """Saves and loads the checkpoints of one run, on every rank (collective calls are marked)."""
+    """Saves and loads the checkpoints of one run, on every rank (collective calls are marked).
+
+    `verify_stats` and `load_stats` say what this rank hashed in the last resume_target / verify and read
+    in the last load: neither grows with the number of ranks."""
 
     def __init__(self, run_dir, ckpt_cfg, *, topology, cfg, launch_id: str | None = None, log=None):
         self.run_dir, self.cfg, self.topology, self.run_cfg = Path(run_dir), ckpt_cfg, topology, cfg
@@ -184,6 +161,7 @@ class CheckpointManager:
         self.failures: list[str] = []
         self.saved: list[int] = []
         self.last_stall_s = 0.0
+        self.verify_stats, self.load_stats = ReadStats(), ReadStats()
         if topology.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
@@ -329,6 +307,7 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         fsync_dir(self.root)
+        remember_verified(final)  # every file was hashed as it was written: exporting it needs no second pass
         pointer = RunDir(self.run_dir).latest_file
         latest = pointer.with_name(pointer.name + ".partial")
         latest.write_text(final.name + "\n")
@@ -358,31 +337,91 @@ class CheckpointManager:
 
     # ---- load ---------------------------------------------------------------------------------------
 
+    def resume_target(self, resume: str) -> Path | None:
+        """resume_target() on every rank (collective): rank 0 lists the checkpoints `checkpoint.resume`
+        allows and every rank learns them (or the error); the ranks then verify them together, newest first,
+        and all return the same one."""
+        plan: list = [None]
+        if self.topology.rank == 0:
+            try:
+                plan = [resume_candidates(self.run_dir, resume, launch_id=self.launch_id)]
+            except ValueError as err:  # raised on every rank, not only here while the others wait
+                plan = [err]
+        if self._collective():
+            dist.broadcast_object_list(plan, src=0)
+        if isinstance(plan[0], ValueError):
+            raise plan[0]
+        candidates, strict = plan[0]
+        self.verify_stats = ReadStats()
+        if strict:
+            self.verify(candidates[0])
+            return candidates[0]
+        log = self.log if self.topology.rank == 0 else (lambda _: None)
+        return first_good(candidates, self.verify, root=self.root, log=log) if candidates else None
+
+    def verify(self, ckpt: Path) -> dict:
+        """manifest.verify shared by the ranks (collective): each checks its hash_share of the files (none when
+        this process verified or wrote the checkpoint already) and one all_gather tells every rank the first
+        bad file of all. Returns the manifest; raises CorruptCheckpoint naming that file on every rank."""
+        ckpt, t = Path(ckpt), self.topology
+        bad = None
+        try:
+            manifest = read_manifest(ckpt)
+            for name in ([] if was_verified(ckpt) else hash_share(manifest, t.rank, t.world)):
+                self.verify_stats.add(name, manifest["files"][name]["bytes"])
+                check_file(ckpt, name, manifest["files"][name])
+        except CorruptCheckpoint as err:
+            bad = (err.file or "", str(err))
+        except Exception as err:  # noqa: BLE001 - unreadable here: the checkpoint is skipped on every rank
+            bad = ("", f"{ckpt.name}: {type(err).__name__}: {err}")
+        everyone = [bad]
+        if self._collective():
+            everyone = [None] * t.world
+            dist.all_gather_object(everyone, bad)
+        errors = sorted(e for e in everyone if e is not None)
+        if errors:
+            raise CorruptCheckpoint(errors[0][1], errors[0][0] or None)
+        remember_verified(ckpt)
+        return manifest
+
+    def _collective(self) -> bool:
+        return self.topology.world > 1 and dist.is_initialized()
+
     def load(self, ckpt: Path, engine, data) -> tuple[int, int]:
-        """Restore a verified checkpoint into this rank's engine and loader (collective-free; every rank
-        reads what it holds). Returns (step, tokens seen). Another DP / EP / CP layout or ZeRO stage is
-        resharded; a different model architecture is refused."""
+        """Restore a verified checkpoint into this rank's engine and loader (collective: each rank reads only
+        the rows of each tensor that it keeps, and the ranks share the weights). Returns (step, tokens seen).
+        Another DP / EP / CP layout or ZeRO stage is resharded; a different model architecture is refused."""
         from parallel.state import restore, state_shapes
 
         ckpt = Path(ckpt)
         manifest = read_manifest(ckpt)
         reader = TensorReader(ckpt, manifest)
+        self.load_stats = ReadStats()
         self._check_model(ckpt, manifest, state_shapes(engine, self.topology))
         restore(engine, self.topology, reader.read)
         _restore_schedule(engine.scheduler, manifest["scheduler_last_epoch"])
         saved, now = manifest["topology"], self.topology
         same_layout = saved["world"] == now.world and saved["dp"] == now.dp and saved["cp"] == now.cp
+        ranks = {r["rank"]: r for r in manifest["ranks"]}
+        mine = self._rank_state(ckpt, ranks[now.rank]) if same_layout else None
         if data is not None:
-            self._load_data(ckpt, manifest, data, same_layout)
+            self._load_data(ckpt, manifest, data, mine)
         if same_layout:
-            state = json.loads((ckpt / f"rank{now.rank:05d}.json").read_text())
-            _set_rng_state(reader._open(state["file"]), state["rng"])
+            _set_rng_state(reader, mine["file"], mine["rng"])
+        self.load_stats.files |= reader.files
+        self.load_stats.bytes += reader.bytes_read
         if now.rank == 0:
             how = "" if same_layout else (f"; resharded from dp={saved['dp']} ep={saved['ep']} cp={saved['cp']} "
                                           f"to dp={now.dp} ep={now.ep} cp={now.cp}")
             self.log(f"checkpoint: resumed from {ckpt.name} (step {manifest['step']}, "
                      f"{manifest['tokens']:,} tokens){how}")
         return int(manifest["step"]), int(manifest["tokens"])
+
+    def _rank_state(self, ckpt: Path, entry: dict) -> dict:
+        """A saved rank's rank*.json (its loader position and RNG), counted in load_stats."""
+        text = (ckpt / entry["state"]).read_text()
+        self.load_stats.add(entry["state"], len(text))
+        return json.loads(text)
 
     def _check_model(self, ckpt: Path, manifest: dict, expected: dict) -> None:
         problems = []
@@ -402,15 +441,25 @@ class CheckpointManager:
                              ". Only the parallel layout (parallel.dp, ep, cp, zero_stage) and cluster.num_workers "
                              "may change when resuming.")
 
-    def _load_data(self, ckpt: Path, manifest: dict, data, same_layout: bool) -> None:
-        states = {}
-        for r in manifest["ranks"]:
-            if r["cp_rank"] == 0:
-                states[r["dp_rank"]] = json.loads((ckpt / r["state"]).read_text())["data"]
-        if same_layout:
-            data.load_state_dict(states[self.topology.dp_rank])
-        else:
-            data.load_rank_states([states[k] for k in sorted(states)])  # merging positions is the loader's business
+    def _load_data(self, ckpt: Path, manifest: dict, data, mine: dict | None) -> None:
+        """The loader's position. Same layout (`mine`: this rank's saved state): the saved position of this DP
+        rank, from this rank's own file (or its DP rank's first CP rank's). Another layout: the loader merges
+        every saved DP rank's position; rank 0 reads them and broadcasts, so the files are read once, not
+        once per rank (a metadata storm on a shared file system at hundreds of ranks)."""
+        t = self.topology
+        if mine is not None:
+            if mine["cp_rank"] != 0:
+                first = next(r for r in manifest["ranks"] if r["dp_rank"] == t.dp_rank and r["cp_rank"] == 0)
+                mine = self._rank_state(ckpt, first)
+            data.load_state_dict(mine["data"])
+            return
+        states: list = [None]
+        if t.rank == 0:
+            firsts = sorted((r for r in manifest["ranks"] if r["cp_rank"] == 0), key=lambda r: r["dp_rank"])
+            states = [[self._rank_state(ckpt, r)["data"] for r in firsts]]
+        if self._collective():
+            dist.broadcast_object_list(states, src=0)
+        data.load_rank_states(states[0])  # merging positions is the loader's business
 
 
 def _restore_schedule(scheduler, last_epoch: int) -> None:
@@ -418,34 +467,3 @@ def _restore_schedule(scheduler, last_epoch: int) -> None:
     scheduler.last_epoch = last_epoch - 1
     scheduler._step_count = max(last_epoch, 1)
     scheduler.step()
-
-
-def resume_target(run_dir, resume: str, *, launch_id: str | None = None, log=None) -> Path | None:
-    """What to resume from: None (a fresh run), the newest good checkpoint (`auto`), or a given directory.
-
-    A fresh run (`none`) in a run directory that already has checkpoints is refused: it would mix two runs.
-    When this launch (`launch_id`) has saved checkpoints already, the worker group was restarted after a
-    failure: it resumes from the newest of them, whatever `resume` says.
-    """
-    if launch_id is not None:
-        for _, path in list_checkpoints(run_dir):
-            try:
-                if read_manifest(path).get("launch_id") == launch_id:
-                    return find_checkpoint(run_dir, log=log)
-            except CorruptCheckpoint:
-                continue
-    if resume == "none":
-        existing = list_checkpoints(run_dir)
-        if existing:
-            raise ValueError(f"{run_dir} already has checkpoints (newest {existing[0][1].name}); resume it with "
-                             f"checkpoint.resume=auto (or `liquid resume {run_dir}`), or pick another run.dir")
-        return None
-    if resume == "auto":
-        if not list_checkpoints(run_dir):
-            return None
-        return find_checkpoint(run_dir, log=log)
-    path = Path(resume)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint.resume={resume!r}: not none, auto or a checkpoint directory")
-    verify(path)
-    return path

@@ -136,7 +136,8 @@ def launch_ray(cfg, printer) -> dict:
     run = RunDir(Path(cfg.run.dir).resolve())
     run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = resume_target(run_dir, cfg.checkpoint.resume)  # fail fast, before any worker starts
+    # Fail fast, before any worker starts, on the structure only: the workers hash the files, each a share.
+    start = resume_target(run_dir, cfg.checkpoint.resume, checksums=False)
     follower = _MetricsFollower(run.metrics_file, printer, after_step=_step_of(start))
     follower.start()
     launch_id = uuid.uuid4().hex

@@ -88,6 +88,10 @@ class LocalEngine:
             return trained.detach()
         return self.optimizer.state.get(trained, {}).get(kind)
 
+    def fragment(self, p) -> tuple[int, int]:
+        """[start, stop) of p's flattened elements whose master weight and Adam moments this rank keeps: all."""
+        return 0, p.numel()
+
     def optimizer_step_of(self, p):
         state = self.optimizer.state.get(self._trained(p), {})
         return float(state["step"]) if "step" in state else None
@@ -388,6 +392,14 @@ class ZeroEngine:
             return buf.view(p.shape)
         dist.reduce(buf, dst=dst, group=group)
         return buf.view(p.shape) if dist.get_rank() == dst else None
+
+    def fragment(self, p) -> tuple[int, int]:
+        """[start, stop) of p's flattened elements in this rank's ZeRO partition ((0, 0): none of them)."""
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            return 0, 0
+        lp = mapping.lp_fragment_address
+        return lp.start, lp.start + lp.numel
 
     def optimizer_step_of(self, p):
         flat, state = self._flat(p)

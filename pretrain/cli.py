@@ -41,7 +41,7 @@ def _cmd_resume(args) -> int:
     run = RunDir(args.run_dir)
     if not run.has_config():
         raise ValueError(f"{run.path} is not a run directory (no {run.config_file.name})")
-    find_checkpoint(run.path)  # fails clearly when nothing can be resumed
+    find_checkpoint(run.path, checksums=False)  # fails clearly when nothing can be resumed; the ranks hash it
     cfg = load_config(str(run.config_file),
                       [*args.overrides, "checkpoint.resume=auto", f"run.dir={run.path}"])
     print(_done_line(launch(cfg)))

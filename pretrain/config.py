@@ -139,6 +139,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # none | selective (recompute each mixer in backward) | full (recompute each block): pretrain/model/model.py Block
+    activation_checkpointing: str = "none"
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ def validate(cfg: Config) -> None:
     _require(t.log_interval > 0, "train.log_interval", "must be > 0")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got '{t.device}'")
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16, got '{t.dtype}'")
+    _require(t.activation_checkpointing in ("none", "selective", "full"), "train.activation_checkpointing",
+             f"must be none, selective or full, got '{t.activation_checkpointing}'")
     _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
     for key, val in (("parallel.dp", p.dp), ("parallel.ep", p.ep), ("parallel.cp", p.cp)):
         _require(val >= 1, key, f"must be >= 1, got {val}")

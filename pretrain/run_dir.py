@@ -25,20 +25,24 @@ RAY = "ray"                       # Ray Train's storage_path
 STOP = "STOP"                     # present while a stop is requested
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write, fsync, rename: a reader (the monitor, another rank) sees the old file or the new one whole.
-    The bytes are those of checkpoints.manifest.write_json_atomic (indent 1, sorted keys)."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write, fsync, rename: readers (the monitor, another rank) see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a crash
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -146,7 +150,7 @@ class RunDir:
         if node and node.get("node_id"):
             record["node_id"] = node["node_id"]
         self.workers_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.worker_file(rank), record)
+        write_json_atomic(self.worker_file(rank), record)
 
     def read_workers(self) -> list[tuple[Path, dict]]:
         """(file, record) of every readable worker file, by rank; a record without a rank gets its file's."""
@@ -166,7 +170,7 @@ class RunDir:
 
     def request_stop(self, reason: str) -> None:
         """Ask a running job to save a checkpoint and exit at its next step (the driver does this on SIGTERM)."""
-        _write_json_atomic(self.stop_file, {"reason": reason, "time": time.time(), "pid": os.getpid()})
+        write_json_atomic(self.stop_file, {"reason": reason, "time": time.time(), "pid": os.getpid()})
 
     def stop_requested(self) -> bool:
         return self.stop_file.exists()

@@ -76,3 +76,17 @@ def test_plan_data_section_at_38t_tokens():
     assert data_plan(tokens=1e9, block_tokens=1025, vocab_size=100_000)["bytes_per_token"] == 4
     plan = build_plan(load_config("liquid-8b-a1b"), tokens=38e12)
     assert plan["data"]["tokens"] == 38e12
+
+
+def test_activation_checkpointing_shrinks_the_planned_activations():
+    """liquid-8b-a1b at its preset layout (micro-batch 4 x 4096): full keeps a block input per layer and
+    one block at a time, selective drops the mixers' activations (the scan's chunk matrices, q/k/v)."""
+    acts, weights = {}, set()
+    for mode in ("none", "selective", "full"):
+        plan = build_plan(load_config("liquid-8b-a1b", [f"train.activation_checkpointing={mode}"]))
+        assert plan["layout"]["activation_checkpointing"] == mode
+        acts[mode] = plan["memory_gib_per_rank"]["activations"]
+        weights.add(plan["memory_gib_per_rank"]["weights"])
+    assert len(weights) == 1  # only the activations change
+    print("liquid-8b-a1b activations GiB per rank:", acts)
+    assert acts["full"] < acts["selective"] < acts["none"]

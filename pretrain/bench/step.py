@@ -165,6 +165,7 @@ def _rank_main(rank: int, world: int, spec: dict) -> dict:
     data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
                          rank=topology.dp_rank, world=topology.dp, log=_log)
     model = parallelize(build_model(cfg.model, device=place.device), topology)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # as the worker does
     total = spec["warmup"] + 2 * spec["steps"] + 1
     engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=total, grad_accum=grad_accum,
                           micro_batch_size=t.micro_batch_size)

@@ -161,6 +161,9 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_dim)
         # Tokens routed to each expert since the last bias update (training forward passes only).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        # Off while activation checkpointing recomputes a forward in backward (model.tokens_not_counted):
+        # those tokens were counted once already.
+        self.count_tokens = True
 
     @torch.no_grad()
     def reset_fixed(self):
@@ -173,7 +176,7 @@ class MoE(nn.Module):
         # A scatter of ones, not bincount: on CUDA bincount reads the largest index back to the host.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=idx.device).scatter_add_(
             0, idx.flatten(), torch.ones_like(idx.flatten()))
-        if self.training:
+        if self.training and self.count_tokens:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         order = idx.flatten().argsort(stable=True)  # slot (token * k + j) at each sorted row
         # A token's k copies by expand and a permutation: unlike gathering rows by token id, neither has a

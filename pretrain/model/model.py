@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from pretrain.model.ffn import MoE, build_ffn
 from pretrain.model.layers import RMSNorm
 from pretrain.model.mixers import build_mixer
 
 IGNORE_INDEX = -100
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # see Block
 
 
 @dataclass
@@ -30,24 +33,73 @@ class ModelOutput:
 
 
 class Block(nn.Module):
+    """h += mixer(mixer_norm(h)); h += ffn(ffn_norm(h)), with optional activation checkpointing.
+
+    `checkpointing` (set through `LiquidLM.set_activation_checkpointing`) says what backward recomputes
+    instead of keeping from the forward:
+    - "none": nothing; autograd keeps every activation of the block.
+    - "full": the whole block; only its input stays between forward and backward (about d values per
+      token and layer), and backward holds one block's activations at a time. Costs a second forward of
+      every block, the MoE's routing, all_to_alls and expert matmuls included.
+    - "selective": the sequence mixer and its norm only; the FFN keeps its activations. The mixer holds
+      most of a block's activations per unit of compute (the liquid scan's fp32 chunk matrices, q/k/v and
+      gate, attention's q/k/v and scores statistics), while the MoE is the opposite: its expert matmuls are
+      most of a block's FLOPs and under expert parallelism its forward is two all_to_alls, which backward
+      would otherwise run again. The mixer's own collectives under context parallelism are small (one
+      state all-gather per liquid layer, a conv halo) except attention's K/V gather, on a few layers.
+    The recompute runs under the forward's autocast and RNG state (torch.utils.checkpoint, non-reentrant)
+    and with the MoE's token counting paused: the tokens were counted once, in the forward. Collectives
+    that parallel forms put inside a recomputed region run again in backward, in the same order on every
+    rank (every rank recomputes the same regions).
+    """
+
     def __init__(self, mixer_kind: str, ffn_kind: str, cfg):
         super().__init__()
         self.mixer_kind, self.ffn_kind = mixer_kind, ffn_kind
+        self.checkpointing = "none"
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(mixer_kind, cfg.d_model, cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(ffn_kind, cfg.d_model, cfg)
 
     def forward(self, h, *, doc_start=None, dt=None):
-        h = h + self.mixer(self.mixer_norm(h), doc_start=doc_start, dt=dt)
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return self._recomputed(self._block, h, doc_start, dt)
+        return self._block(h, doc_start, dt)
+
+    def _block(self, h, doc_start, dt):
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            h = h + self._recomputed(self._mix, h, doc_start, dt)
+        else:
+            h = h + self._mix(h, doc_start, dt)
         y, aux = self.ffn(self.ffn_norm(h))
         return h + y, aux
+
+    def _mix(self, h, doc_start, dt):
+        return self.mixer(self.mixer_norm(h), doc_start=doc_start, dt=dt)
+
+    def _recomputed(self, fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), tokens_not_counted(self)))
 
     def step(self, h, state, *, dt=None):
         y, state = self.mixer.step(self.mixer_norm(h), state, dt=dt)
         h = h + y
         y, _ = self.ffn(self.ffn_norm(h))
         return h + y, state
+
+
+@contextmanager
+def tokens_not_counted(module: nn.Module):
+    """The MoE layers inside `module` do not add to `tokens_per_expert` (a recomputed forward)."""
+    moes = [m for m in module.modules() if isinstance(m, MoE)]
+    for moe in moes:
+        moe.count_tokens = False
+    try:
+        yield
+    finally:
+        for moe in moes:
+            moe.count_tokens = True
 
 
 class MTPModule(nn.Module):
@@ -159,6 +211,16 @@ class LiquidLM(nn.Module):
         for i, layer in enumerate(self.layers):
             h, state[i] = layer.step(h, state[i], dt=dt)
         return self.head(h)[:, 0], state
+
+    def set_activation_checkpointing(self, mode: str) -> "LiquidLM":
+        """What backward recomputes instead of keeping: "none", "selective" (each mixer and its norm) or
+        "full" (each block), for every block, the multi-token-prediction ones included (see Block)."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got '{mode}'")
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.checkpointing = mode
+        return self
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

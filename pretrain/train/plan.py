@@ -14,39 +14,53 @@ from pretrain.train.flops import PEAK_FLOPS, count_params, flops_per_token
 GIB = 1024**3
 
 
-def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int = 2) -> int:
-    """Saved activations for one micro-batch (no activation checkpointing), summed over layers.
+def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int = 2, *,
+                     checkpointing: str = "none") -> int:
+    """Peak saved activations for one micro-batch, summed over layers, under train.activation_checkpointing.
 
     Per layer it counts the tensors autograd keeps: the two norm inputs and residual (3 x d), the mixer's
     projections and outputs, and the FFN's inputs and hidden states (top_k copies for MoE). The liquid scan
     adds its fp32 per-chunk decay and score matrices (2 x heads x chunk per token) and chunk-entry states.
+    selective keeps the residual and FFN parts of every layer plus one mixer's part at a time (backward
+    recomputes the mixers one by one); full keeps each block's input (d) plus one whole block at a time.
+    The logits are kept in every mode.
     """
+    parts = [_layer_values_per_token(cfg, mixer, ffn) for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types())]
+    kept = {
+        "none": lambda: sum(r + m + f for r, m, f in parts),
+        "selective": lambda: sum(r + f for r, _, f in parts) + max(m for _, m, _ in parts),
+        "full": lambda: len(parts) * cfg.d_model + max(r + m + f for r, m, f in parts),
+    }
+    if checkpointing not in kept:
+        raise ValueError(f"activation checkpointing must be one of {sorted(kept)}, got '{checkpointing}'")
+    total = kept[checkpointing]() + cfg.vocab_size * 2  # logits (fp32 for the loss, counted as 2 bf16 slots)
+    return micro_batch * seq_len * total * bytes_per_value
+
+
+def _layer_values_per_token(cfg, mixer: str, ffn: str) -> tuple[int, int, int]:
+    """Values one layer keeps per token, in 2-byte units: (norm inputs and residual, mixer, FFN)."""
     d = cfg.d_model
-    tokens = micro_batch * seq_len
-    total = 0
-    for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types()):
-        per_tok = 3 * d
-        if mixer == "liquid":
-            lc = cfg.liquid
-            per_tok += 2 * lc.heads * (lc.key_dim + lc.value_dim) * 2 + lc.heads * lc.value_dim * 2
-            per_tok += 2 * lc.heads * lc.chunk_size * 2  # fp32 chunk matrices, counted in 2-byte units
-            per_tok += 2 * lc.heads * lc.key_dim * lc.value_dim // lc.chunk_size * 2
-        elif mixer == "conv":
-            per_tok += 3 * d + 2 * d
-        else:
-            a = cfg.attention
-            per_tok += (a.heads + 2 * a.kv_heads) * a.head_dim + a.heads * a.head_dim + a.heads * 2  # + lse
-        if ffn == "dense":
-            per_tok += d + 3 * cfg.dense_dim
-        else:
-            per_tok += cfg.moe.num_experts * 2 + cfg.moe.top_k * (2 * d + 3 * cfg.moe.expert_dim)
-        total += per_tok
-    total += cfg.vocab_size * 2  # logits (fp32 for the loss, counted as 2 bf16 slots)
-    return tokens * total * bytes_per_value
+    if mixer == "liquid":
+        lc = cfg.liquid
+        mix = 2 * lc.heads * (lc.key_dim + lc.value_dim) * 2 + lc.heads * lc.value_dim * 2
+        mix += 2 * lc.heads * lc.chunk_size * 2  # fp32 chunk matrices, counted in 2-byte units
+        mix += 2 * lc.heads * lc.key_dim * lc.value_dim // lc.chunk_size * 2
+    elif mixer == "conv":
+        mix = 3 * d + 2 * d
+    else:
+        a = cfg.attention
+        mix = (a.heads + 2 * a.kv_heads) * a.head_dim + a.heads * a.head_dim + a.heads * 2  # + lse
+    if ffn == "dense":
+        feed = d + 3 * cfg.dense_dim
+    else:
+        feed = cfg.moe.num_experts * 2 + cfg.moe.top_k * (2 * d + 3 * cfg.moe.expert_dim)
+    return 3 * d, mix, feed
 
 
-def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int) -> dict:
-    """Bytes per rank for weights (bf16), grads (bf16), Adam (fp32 master + m + v) and activations."""
+def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int,
+                    checkpointing: str = "none") -> dict:
+    """Bytes per rank for weights (bf16), grads (bf16), Adam (fp32 master + m + v) and activations
+    (`checkpointing`: train.activation_checkpointing)."""
     counts = count_params(cfg)
     dense, expert = counts.total - counts.expert, counts.expert
     world = dp * cp
@@ -55,7 +69,7 @@ def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_ba
     grads = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 2 else 2 * local
     optim = 12 * (dense / world + expert / ep / expert_dp) if zero_stage >= 1 else 12 * local
     weights = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 3 else 2 * local
-    acts = activation_bytes(cfg, micro_batch, seq_len // cp)
+    acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing)
     out = {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts}
     out["total"] = sum(out.values())
     return out
@@ -101,14 +115,16 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
                          f"{[k for k, v in PEAK_FLOPS.items() if v]}")
     tokens_per_s = mfu * peak * gpus / fpt
     mem = memory_per_rank(m, dp=p.dp, ep=p.ep, cp=p.cp, zero_stage=p.zero_stage,
-                          micro_batch=t.micro_batch_size, seq_len=t.seq_len)
+                          micro_batch=t.micro_batch_size, seq_len=t.seq_len,
+                          checkpointing=t.activation_checkpointing)
     return {
         "params_total": counts.total,
         "params_active": counts.active,
         "params_expert": counts.expert,
         "flops_per_token": fpt,
         "layout": {"dp": p.dp, "ep": p.ep, "cp": p.cp, "zero_stage": p.zero_stage,
-                   "micro_batch": t.micro_batch_size, "seq_len": t.seq_len},
+                   "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
+                   "activation_checkpointing": t.activation_checkpointing},
         "memory_gib_per_rank": {k: round(v / GIB, 2) for k, v in mem.items()},
         "assumed": {"mfu": mfu, "gpus": gpus, "device": device, "peak_flops": peak, "tokens": tokens},
         "tokens_per_s": tokens_per_s,
@@ -132,7 +148,7 @@ def format_plan(plan: dict) -> str:
         f"   (routed experts {_count(plan['params_expert'])})",
         f"FLOPs/token     {plan['flops_per_token'] / 1e9:.2f} GFLOP (training, seq {lay['seq_len']})",
         f"layout          dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} zero={lay['zero_stage']}"
-        f" micro_batch={lay['micro_batch']}",
+        f" micro_batch={lay['micro_batch']} activation_checkpointing={lay['activation_checkpointing']}",
         "memory/rank     " + "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
         f"throughput      {plan['tokens_per_s']:,.0f} tokens/s on {a['gpus']} x {a['device']} at {a['mfu']:.0%} MFU",
         f"time            {plan['days_to_tokens']:.1f} days to {_count(a['tokens'])} tokens",

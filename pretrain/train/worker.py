@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints.manager import CheckpointManager, resume_target
+from checkpoints.manager import CheckpointManager
 from data_pipeline.dataset import build_dataset, stream_specs
 from parallel.collectives import barrier
 from parallel.engine import build_engine
@@ -50,6 +50,7 @@ def _train(cfg, topology, status: "WorkerStatus", *, progress: bool) -> dict:
     data = open_data(cfg, run, topology)
     model = parallelize(build_model(cfg.model, device="meta"), topology)  # nothing allocated yet
     model = materialize(model, place.device, seed=cfg.train.seed)  # only what this rank keeps
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # what backward recomputes
     engine = engine_for(cfg, model, topology, place)
     checkpoints, start, resumed_from = restore(cfg, run, topology, engine, data, launch_id=launch_id)
     status.running(start.step)
@@ -123,19 +124,15 @@ def engine_for(cfg, model, topology, place: Placement):
 
 
 def restore(cfg, run: RunDir, topology, engine, data, *, launch_id: str | None):
-    """The checkpoint manager and where training starts: a fresh run, or the checkpoint rank 0 picked
-    (verifying checksums) loaded on every rank. Returns (manager, Position, name of the checkpoint or None)."""
+    """The checkpoint manager and where training starts: a fresh run, or the newest good checkpoint (the
+    ranks verify it together, each hashing a share) loaded on every rank. Returns (manager, Position, name
+    of the checkpoint or None)."""
     checkpoints = CheckpointManager(run.path, cfg.checkpoint, topology=topology, cfg=cfg, launch_id=launch_id)
-    choice = [None]
-    if topology.rank == 0:
-        target = resume_target(run.path, cfg.checkpoint.resume, launch_id=launch_id)
-        choice = [str(target) if target else None]
-    if dist.is_initialized() and topology.world > 1:
-        dist.broadcast_object_list(choice, src=0)
+    target = checkpoints.resume_target(cfg.checkpoint.resume)  # collective
     start, resumed_from = Position(), None
-    if choice[0] is not None:
-        start = Position(*checkpoints.load(Path(choice[0]), engine, data))
-        resumed_from = Path(choice[0]).name
+    if target is not None:
+        start = Position(*checkpoints.load(target, engine, data))
+        resumed_from = target.name
     if topology.rank == 0:
         run.clear_stop()  # a request left by an earlier, finished stop
     barrier()

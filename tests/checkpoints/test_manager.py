@@ -134,6 +134,54 @@ def test_corrupt_and_torn_checkpoints_are_reported_and_skipped(run6, tmp_path):
         verify(run_dir / "checkpoints" / "step_00000003")
 
 
+def test_the_drivers_fail_fast_check_reads_the_structure_and_leaves_hashing_to_the_ranks(run6, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run6, run_dir)
+    shard = run_dir / "checkpoints" / "step_00000006" / "rank00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert resume_target(run_dir, "auto", checksums=False).name == "step_00000006"  # no byte hashed
+    assert resume_target(run_dir, "auto", log=lambda _: None).name == "step_00000003"
+    shard.write_bytes(bytes(data[:-1]))  # torn: a file shorter than the manifest says
+    messages = []
+    assert resume_target(run_dir, "auto", checksums=False, log=messages.append).name == "step_00000003"
+    assert messages == [f"checkpoint: skipping step_00000006/rank00000.safetensors: {len(data) - 1} bytes, "
+                        f"the manifest says {len(data)}"]
+
+
+def test_export_hashes_a_checkpoint_only_if_this_process_has_not(run6, tmp_path, monkeypatch):
+    """Right after training, rank 0 exports the checkpoint it has just written: no second pass over it.
+    `liquid export` alone (a fresh process: nothing recorded) verifies every file."""
+    from checkpoints import manifest
+    from checkpoints.export import export_run
+
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    export_run(run6, tmp_path / "a", dtype="fp32")
+    assert hashed == []
+    monkeypatch.setattr(manifest, "_VERIFIED", set())
+    export_run(run6, tmp_path / "b", dtype="fp32")
+    assert sorted(hashed) == sorted(verify(run6 / "checkpoints" / "step_00000006", checksums=False)["files"])
+
+
+def test_each_file_is_hashed_by_one_rank_its_own_where_it_exists():
+    from checkpoints.manifest import hash_share
+
+    sizes = {0: 50, 1: 40, 2: 30, 3: 20, 4: 10}  # saved by five ranks, verified by three
+    manifest = {"files": {}, "ranks": []}
+    for r, size in sizes.items():
+        manifest["files"] |= {f"rank{r}.safetensors": {"bytes": size}, f"rank{r}.json": {"bytes": 1}}
+        manifest["ranks"].append({"rank": r, "file": f"rank{r}.safetensors", "state": f"rank{r}.json"})
+    shares = [hash_share(manifest, r, 3) for r in range(3)]
+    assert sorted(f for share in shares for f in share) == sorted(manifest["files"])
+    for r in range(3):
+        assert {f"rank{r}.safetensors", f"rank{r}.json"} <= set(shares[r])
+    # The rest go largest first to the least loaded: rank3's shard to rank 2, rank4's to rank 1, and so on.
+    assert [sum(manifest["files"][f]["bytes"] for f in share) for share in shares] == [52, 52, 51]
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint(run6, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run6, run_dir)
