@@ -115,13 +115,17 @@ def test_retention_keeps_the_last_n_and_every_mth(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [9, 8, 4]
 
 
+def flip_a_byte(path) -> None:
+    """Corrupt a file the way a bad disk would: same size, one byte changed."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_corrupt_and_torn_checkpoints_are_reported_and_skipped(run6, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(run6, run_dir)
-    newest = run_dir / "checkpoints" / "step_00000006" / "rank00000.safetensors"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    newest.write_bytes(bytes(data))
+    flip_a_byte(run_dir / "checkpoints" / "step_00000006" / "rank00000.safetensors")
     messages = []
     assert find_checkpoint(run_dir, log=messages.append).name == "step_00000003"
     assert messages == ["checkpoint: skipping step_00000006/rank00000.safetensors: sha256 does not match the manifest"]
@@ -138,9 +142,8 @@ def test_the_drivers_fail_fast_check_reads_the_structure_and_leaves_hashing_to_t
     run_dir = tmp_path / "run"
     shutil.copytree(run6, run_dir)
     shard = run_dir / "checkpoints" / "step_00000006" / "rank00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_a_byte(shard)
+    data = shard.read_bytes()
     assert resume_target(run_dir, "auto", checksums=False).name == "step_00000006"  # no byte hashed
     assert resume_target(run_dir, "auto", log=lambda _: None).name == "step_00000003"
     shard.write_bytes(bytes(data[:-1]))  # torn: a file shorter than the manifest says
