@@ -65,11 +65,6 @@ def _host(t: torch.Tensor, buffers: dict | None = None, key: str = "") -> torch.
     return buf.copy_(t)
 
 
-def fragment(engine, p) -> tuple[int, int]:
-    """[start, stop) of p's flattened elements whose fp32 master and Adam moments this rank keeps."""
-    return engine.fragment(p)
-
-
 class _Layout:
     """Where each parameter lives: its full shape, its rows, the group of ranks that partition it, and
     (`owners()`, collective) the rank that writes it."""
@@ -95,7 +90,7 @@ class _Layout:
         parameters that start in its partition from its own file and the one reaching into its partition
         from the rank before: two files, whatever the number of ranks."""
         t = self.topology
-        mine = [b - a for a, b in (fragment(self.engine, p) for _, p, *_ in self.entries)]
+        mine = [b - a for a, b in (self.engine.fragment(p) for _, p, *_ in self.entries)]
         sizes = {t.rank: mine}
         if t.world > 1 and dist.is_initialized():
             everyone = [None] * t.world
@@ -153,7 +148,7 @@ def restore(engine, topology, read: Read) -> None:
     layout.owners()  # proves that the ranks' fragments cover every parameter: the sums below are whole
     with torch.no_grad():
         for name, p, _, rows, group in layout.entries:
-            values = _read_fragment(read, name, p, rows, fragment(engine, p))
+            values = _read_fragment(read, name, p, rows, engine.fragment(p))
             if group is not None:
                 dist.all_reduce(values["model"], group=group)  # zeros outside each rank's fragment
             engine.set_full_state(p, values)

@@ -25,7 +25,7 @@ READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "non
 # starts once per forward (CUDA runs FlexAttention without it).
 PER_STEP = {("pretrain/train/step.py", "train_step"): 1}
 PER_MICRO_BATCH_PER_MOE_LAYER = {("pretrain/model/ffn.py", "forward"): 1}
-PER_MICRO_BATCH = {("pretrain/model/mixers.py", "blocks"): 1}
+PER_MICRO_BATCH = {("pretrain/model/mixers.py", "_block_starts"): 1}
 
 
 class HostReads(TorchFunctionMode):

@@ -259,20 +259,25 @@ class DocumentMask:
     def __init__(self, docs: torch.Tensor | None, q_offset: int, q_len: int, device=None):
         self.docs, self.q_offset, self.q_len = docs, q_offset, q_len
         self.device = docs.device if docs is not None else device
-        self._block_mask = None
+        self._block_mask, self._starts = None, {}
 
     def blocks(self, block: int | None = None):
         """(a, b, lo, hi, mask): queries a..b-1 (local indices) see keys lo..hi-1 through mask [b|1, 1, b-a, hi-lo]."""
         block = block or ATTENTION_BLOCK
         firsts = list(range(0, self.q_len, block))
-        if self.docs is None:
-            starts = [0] * len(firsts)
-        else:  # where the document of each block's first query starts, earliest over the batch (one sync)
-            first_docs = self.docs[:, [self.q_offset + a for a in firsts]]
-            starts = torch.searchsorted(self.docs, first_docs).amin(0).tolist()
-        for a, lo in zip(firsts, starts):
+        for a, lo in zip(firsts, self._block_starts(block, firsts)):
             b = min(a + block, self.q_len)
             yield a, b, lo, self.q_offset + b, self._mask(a, b, lo)
+
+    def _block_starts(self, block: int, firsts: list[int]) -> list[int]:
+        """Where the document of each block's first query starts, earliest over the batch: one host read per
+        DocumentMask, shared by the attention layers of a forward (they share the mask, see shared_layout)."""
+        if self.docs is None:
+            return [0] * len(firsts)
+        if block not in self._starts:
+            first_docs = self.docs[:, [self.q_offset + a for a in firsts]]
+            self._starts[block] = torch.searchsorted(self.docs, first_docs).amin(0).tolist()
+        return self._starts[block]
 
     def block_mask(self):
         """FlexAttention BlockMask [b|1, 1, q_len, q_offset + q_len], built on first use and kept."""

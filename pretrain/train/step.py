@@ -66,10 +66,11 @@ def train_step(engine, micro_batches: Iterable[dict], place: Placement, *, stop:
     grad_norm = engine.step()
     loss_and_stops = mean_and_count(step_loss, stop, topology.dp_cp_group)
     # The step's one host read: loss, stop requests, gradient norm and expert counts together.
-    parts = [loss_and_stops, torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1)]
-    values = torch.cat(parts + ([counts.flatten().to(device)] if counts is not None else [])).tolist()
-    rows = [values[3 + i * counts.shape[1]:3 + (i + 1) * counts.shape[1]] for i in range(counts.shape[0])] \
-        if counts is not None else []
+    counts = counts if counts is not None else torch.zeros(0, 0, device=device)
+    values = torch.cat([loss_and_stops, torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1),
+                        counts.flatten().to(device)]).tolist()
+    layers, experts = counts.shape
+    rows = [values[3 + i * experts:3 + (i + 1) * experts] for i in range(layers)]
     stats = load_stats(rows)
     return StepResult(loss=values[0], grad_norm=values[2],
                       expert_load=[round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0],
