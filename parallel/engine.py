@@ -278,11 +278,22 @@ def _optimizer_groups(model, optim_cfg, expert_params, group_name: str) -> list[
     return [g for g in out + moe if g["params"]]  # DeepSpeed drops empty groups; the scheduler must agree
 
 
-def deepspeed_config(optim_cfg, *, zero_stage: int, grad_accum: int, micro_batch_size: int, dtype) -> dict:
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default
+
+
+def reduce_bucket_elements(parameters: int) -> int:
+    """DeepSpeed's gradient reduction bucket for a rank holding `parameters` elements: its default (5e8),
+    or the rank's parameters when fewer. DeepSpeed allocates the whole bucket whatever the model's size
+    (a 2 GB fp32 buffer next to a 2M-parameter model, measured with `liquid dryrun`'s allocator check)."""
+    return max(1, min(REDUCE_BUCKET_ELEMENTS, parameters))
+
+
+def deepspeed_config(optim_cfg, *, zero_stage: int, grad_accum: int, micro_batch_size: int, dtype,
+                     bucket_elements: int = REDUCE_BUCKET_ELEMENTS) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": bucket_elements},
         "gradient_clipping": max(optim_cfg.grad_clip, 0.0),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -313,7 +324,8 @@ class ZeroEngine:
                                       betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, max_steps))
         config = deepspeed_config(optim_cfg, zero_stage=zero_stage, grad_accum=grad_accum,
-                                  micro_batch_size=micro_batch_size, dtype=dtype)
+                                  micro_batch_size=micro_batch_size, dtype=dtype,
+                                  bucket_elements=reduce_bucket_elements(sum(p.numel() for p in model.parameters())))
         self.ds, _, _, _ = ds.initialize(model=_EngineModule(model, marker), optimizer=optimizer,
                                          lr_scheduler=scheduler, config=config, mpu=_MPU(topology))
         self.model, self.scheduler, self.grad_accum = model, scheduler, grad_accum

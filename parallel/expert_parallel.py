@@ -59,10 +59,7 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x_sorted, counts):
         """x_sorted [tokens, d] grouped by global expert; counts [E] -> [tokens, d] aligned with x_sorted."""
         counts = torch.as_tensor(counts, device=x_sorted.device).long()
-        recv_counts = self._exchange_counts(counts)  # [ep, E_local]: rows from source rank s for local expert e
-        # One host sync for both split lists (they are needed on the host by all_to_all_single).
-        splits = torch.cat([counts.view(self.ep_size, -1).sum(1), recv_counts.sum(1)]).tolist()
-        send, recv = splits[:self.ep_size], splits[self.ep_size:]
+        send, recv, recv_counts = self.routing(counts, rows=x_sorted.shape[0])
         x_recv = all_to_all_rows(x_sorted, out_splits=recv, in_splits=send, group=self.group)
         # Rows arrive grouped by (source rank, local expert); the experts want them grouped by local expert.
         order = _order_by_local_expert(recv_counts, total=sum(recv))
@@ -71,6 +68,15 @@ class ExpertParallelExperts(nn.Module):
         y = self._run_local(x_recv[order], recv_counts.sum(0)).to(x_sorted.dtype)
         y = y[_inverse(order)]
         return all_to_all_rows(y, out_splits=send, in_splits=recv, group=self.group)
+
+    def routing(self, counts, *, rows: int):
+        """counts [E] (this rank's `rows` rows per global expert) -> (rows sent to each EP rank, rows received
+        from each, on the host; recv_counts [ep, E_local]: rows from source rank s for local expert e).
+        The one data-dependent point of the exchange (`liquid dryrun` replaces it with planned counts)."""
+        recv_counts = self._exchange_counts(counts)
+        # One host sync for both split lists (they are needed on the host by all_to_all_single).
+        splits = torch.cat([counts.view(self.ep_size, -1).sum(1), recv_counts.sum(1)]).tolist()
+        return splits[:self.ep_size], splits[self.ep_size:], recv_counts
 
     def _exchange_counts(self, counts):
         recv = torch.empty_like(counts)

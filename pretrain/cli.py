@@ -1,4 +1,4 @@
-"""The `liquid` command line: pretrain, plan, data, bench, export, eval.
+"""The `liquid` command line: pretrain, plan, dryrun, data, bench, export, eval.
 
 Each subcommand takes a preset name or YAML path followed by `key=value` overrides.
 """
@@ -56,6 +56,20 @@ def _cmd_plan(args) -> int:
     plan = build_plan(cfg, mfu=args.mfu, gpus=args.gpus, device=args.device, tokens=args.tokens)
     print(json.dumps(plan) if args.json else format_plan(plan))
     return 0
+
+
+def _cmd_dryrun(args) -> int:
+    """Exit 0 when the layout fits the device (or no device budget applies), 1 when it does not."""
+    from pretrain.config import load_config
+    from pretrain.train.dryrun import DryRunOptions, dry_run, format_report, report
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"liquid dryrun: {cfg.run.name}, rank {args.rank} of {cfg.parallel.dp * cfg.parallel.cp}, "
+          "one training step on fake tensors (minutes at full size)...", file=sys.stderr, flush=True)
+    measured = dry_run(cfg, DryRunOptions(rank=args.rank, imbalance=args.imbalance))
+    rep = report(cfg, measured, device=args.device)
+    print(json.dumps(rep) if args.json else format_report(rep))
+    return 0 if rep.get("fits", {}).get("fits", True) else 1
 
 
 def _cmd_tokenizer_train(args) -> int:
@@ -199,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, default=None,
                    help="training tokens for the time estimate (default: the config's train.max_tokens or max_steps)")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("dryrun", help="one rank of the layout at full size on fake tensors: measured memory "
+                                      "and FLOPs per token beside the plan's")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] key=value")
+    p.add_argument("--rank", type=int, default=0, help="which rank of the layout to run (default 0)")
+    p.add_argument("--imbalance", type=float, default=1.0,
+                   help="hottest expert's rows over the mean, for this rank's experts (default 1.0: balanced)")
+    p.add_argument("--device", default="H100", help="H100, H200 or A100: the memory a CUDA layout must fit")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_dryrun)
 
     _add_data_parsers(sub)
 

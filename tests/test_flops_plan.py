@@ -56,7 +56,7 @@ def test_plan_numbers():
     assert abs(plan["tokens_per_s"] - tps) < 1e-6 * tps
     assert abs(plan["days_to_tokens"] - 1e12 / tps / 86400) < 1e-9
     mem = plan["memory_gib_per_rank"]
-    assert mem["total"] > mem["weights"] > 0
+    assert mem["total"] > mem["parameters"] > 0
     # ZeRO-1 shards the optimizer state: more data-parallel ranks, less optimizer memory per rank.
     small = build_plan(load_config("liquid-8b-a1b", ["parallel.dp=8", "cluster.num_workers=8"]), gpus=8)
     assert small["memory_gib_per_rank"]["optimizer"] > mem["optimizer"]
@@ -86,7 +86,7 @@ def test_activation_checkpointing_shrinks_the_planned_activations():
         plan = build_plan(load_config("liquid-8b-a1b", [f"train.activation_checkpointing={mode}"]))
         assert plan["layout"]["activation_checkpointing"] == mode
         acts[mode] = plan["memory_gib_per_rank"]["activations"]
-        weights.add(plan["memory_gib_per_rank"]["weights"])
+        weights.add(plan["memory_gib_per_rank"]["parameters"])
     assert len(weights) == 1  # only the activations change
     print("liquid-8b-a1b activations GiB per rank:", acts)
     assert acts["full"] < acts["selective"] < acts["none"]

@@ -243,12 +243,13 @@ def materialize(model: LiquidLM, device, *, seed: int | None = None) -> LiquidLM
     `build_model(cfg, device, seed=seed)` for every tensor this model holds."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
+            if p is not None and p.device.type == "meta":
                 real = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-                real.__dict__.update(p.__dict__)  # attributes the parallel forms set (to_empty would drop them)
+                # Attributes the parallel forms set (to_empty would drop them); not a fake tensor's own.
+                real.__dict__.update({k: v for k, v in p.__dict__.items() if k not in real.__dict__})
                 module._parameters[name] = real
         for name, b in list(module._buffers.items()):
-            if b is not None and b.is_meta:
+            if b is not None and b.device.type == "meta":
                 module._buffers[name] = torch.empty_like(b, device=device)
     model.init_weights(seed)
     return model

@@ -96,6 +96,21 @@ def flops_per_token(cfg, seq_len: int) -> int:
     return 6 * count_params(cfg).matmul_active + attention_flops_per_token(cfg, seq_len) + scan_flops_per_token(cfg)
 
 
+def recompute_flops_per_token(cfg, seq_len: int, checkpointing: str) -> int:
+    """FLOPs per token that activation checkpointing adds (a second forward of what backward recomputes:
+    every block under "full", every mixer under "selective"); not model FLOPs, so MFU leaves them out."""
+    if checkpointing == "none":
+        return 0
+    if checkpointing not in ("selective", "full"):
+        raise ValueError(f"activation checkpointing must be none, selective or full, got '{checkpointing}'")
+    blocks = list(zip(cfg.layer_types(), cfg.ffn_types())) + [(cfg.layer_types()[-1], "dense")] * cfg.mtp_depth
+    extra = sum(2 * mixer_params(mixer, cfg)[1] for mixer, _ in blocks)
+    extra += attention_flops_per_token(cfg, seq_len) // 3 + scan_flops_per_token(cfg) // 3
+    if checkpointing == "full":
+        extra += sum(2 * _ffn_params(ffn, cfg)[1] for _, ffn in blocks)
+    return extra
+
+
 # Dense bf16 peak FLOP/s per device (no sparsity), matched as a substring of the device name
 # (torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3"), first match wins: the more specific names
 # come first. None = unknown (CPU): MFU is not reported there.

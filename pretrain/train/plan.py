@@ -14,8 +14,8 @@ from pretrain.train.flops import PEAK_FLOPS, count_params, flops_per_token
 GIB = 1024**3
 
 
-def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int = 2, *,
-                     checkpointing: str = "none") -> int:
+def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 2,
+                     checkpointing: str = "none", attention: str = "fused") -> int:
     """Peak saved activations for one micro-batch, summed over layers, under train.activation_checkpointing.
 
     Per layer it counts the tensors autograd keeps: the two norm inputs and residual (3 x d), the mixer's
@@ -23,7 +23,8 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int =
     adds its fp32 per-chunk decay and score matrices (2 x heads x chunk per token) and chunk-entry states.
     selective keeps the residual and FFN parts of every layer plus one mixer's part at a time (backward
     recomputes the mixers one by one); full keeps each block's input (d) plus one whole block at a time.
-    The logits are kept in every mode.
+    The logits are kept in every mode. attention "blocks" (the CPU path) also keeps each query's scores
+    over the keys of its block (fp32, counted for every key: the causal half and the mask's bytes).
     """
     parts = [_layer_values_per_token(cfg, mixer, ffn) for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types())]
     kept = {
@@ -34,7 +35,11 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, bytes_per_value: int =
     if checkpointing not in kept:
         raise ValueError(f"activation checkpointing must be one of {sorted(kept)}, got '{checkpointing}'")
     total = kept[checkpointing]() + cfg.vocab_size * 2  # logits (fp32 for the loss, counted as 2 bf16 slots)
-    return micro_batch * seq_len * total * bytes_per_value
+    if attention == "blocks":
+        a = cfg.attention
+        layers = sum(1 for t in cfg.layer_types() if t == "attention")
+        total += layers * a.heads * min(seq_len, 2048) * 2 * 2 // dtype_bytes  # fp32 scores + probabilities
+    return micro_batch * seq_len * total * dtype_bytes
 
 
 def _layer_values_per_token(cfg, mixer: str, ffn: str) -> tuple[int, int, int]:
@@ -57,22 +62,59 @@ def _layer_values_per_token(cfg, mixer: str, ffn: str) -> tuple[int, int, int]:
     return 3 * d, mix, feed
 
 
+def rank_groups(cfg, ep: int) -> list[tuple[int, bool]]:
+    """(elements held by one rank, is an expert group) for each optimizer group of the engine (decay and
+    no-decay, dense and expert: parallel/engine.py's groups), from a model built on the meta device."""
+    from pretrain.optim import param_groups
+
+    with torch.device("meta"):
+        model = LiquidLM(cfg)
+    experts = {id(p) for m in model.modules() if type(m).__name__ == "Experts" for p in m.parameters(recurse=False)}
+    groups = []
+    for g in param_groups(model, 0.0):
+        dense = sum(p.numel() for p in g["params"] if id(p) not in experts)
+        expert = sum(p.numel() for p in g["params"] if id(p) in experts) // ep
+        groups += [(n, is_expert) for n, is_expert in ((dense, False), (expert, True)) if n]
+    return groups
+
+
 def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int,
-                    checkpointing: str = "none") -> dict:
-    """Bytes per rank for weights (bf16), grads (bf16), Adam (fp32 master + m + v) and activations
-    (`checkpointing`: train.activation_checkpointing)."""
-    counts = count_params(cfg)
-    dense, expert = counts.total - counts.expert, counts.expert
+                    checkpointing: str = "none", dtype_bytes: int = 2, attention: str = "fused") -> dict:
+    """Bytes per rank, by the lines `liquid dryrun` measures: parameters and gradients in the training
+    dtype (`dtype_bytes`: 2 for bf16, 4 for fp32); the optimizer's fp32 master partition and Adam's two
+    moments (ZeRO partitions each group over dp x cp, expert groups over the expert-data-parallel ranks;
+    one rank keeps everything, without masters in fp32); stage 2 keeps only the gradient partition;
+    DeepSpeed's reduction bucket; activations (`activation_bytes`). total: the peak, when backward starts
+    (activations at their highest, gradients not yet) or at the step (every gradient, the fp32 gradient
+    partition), whichever is higher."""
+    from parallel.engine import reduce_bucket_elements
+
     world = dp * cp
     expert_dp = max(world // ep, 1)
-    local = dense + expert / ep  # parameters held by one rank
-    grads = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 2 else 2 * local
-    optim = 12 * (dense / world + expert / ep / expert_dp) if zero_stage >= 1 else 12 * local
-    weights = 2 * (dense / world + expert / ep / expert_dp) if zero_stage >= 3 else 2 * local
-    acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing)
-    out = {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts}
-    out["total"] = sum(out.values())
+    groups = rank_groups(cfg, ep)
+    local = sum(n for n, _ in groups)
+    if world == 1:
+        partition = local
+        optimizer = local * (8 if dtype_bytes == 4 else 12)
+        communication = 0
+    else:
+        partition = sum(-(-n // (expert_dp if is_expert else world)) for n, is_expert in groups)
+        optimizer = 12 * partition
+        communication = reduce_bucket_elements(local) * dtype_bytes
+    parameters = local * dtype_bytes
+    gradients = (partition if zero_stage >= 2 and world > 1 else local) * dtype_bytes
+    acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing, attention=attention,
+                            dtype_bytes=dtype_bytes)
+    at_step = gradients + 4 * partition  # + the fp32 gradient of the partition
+    out = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
+           "communication": communication}
+    out["total"] = parameters + optimizer + communication + max(acts, at_step)
     return out
+
+
+def _dtype_bytes(train_cfg) -> int:
+    """Bytes of a weight in training: bf16 for train.dtype=bf16 (and auto on CUDA), else fp32."""
+    return 2 if train_cfg.dtype == "bf16" or (train_cfg.dtype == "auto" and train_cfg.device == "cuda") else 4
 
 
 def data_plan(*, tokens: float, block_tokens: int, vocab_size: int, shard_mb: float = 64.0,
@@ -116,7 +158,8 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
     tokens_per_s = mfu * peak * gpus / fpt
     mem = memory_per_rank(m, dp=p.dp, ep=p.ep, cp=p.cp, zero_stage=p.zero_stage,
                           micro_batch=t.micro_batch_size, seq_len=t.seq_len,
-                          checkpointing=t.activation_checkpointing)
+                          checkpointing=t.activation_checkpointing, dtype_bytes=_dtype_bytes(t),
+                          attention="fused" if t.device == "cuda" else "blocks")
     return {
         "params_total": counts.total,
         "params_active": counts.active,

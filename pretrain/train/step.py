@@ -46,7 +46,33 @@ def train_step(engine, micro_batches: Iterable[dict], place: Placement, *, stop:
     (dicts of input_ids, labels, doc_start; whole rows: context parallelism slices them here).
     `before_update` runs after the last backward and before the engine steps (tests read gradients
     there). `stop` (this rank's request) rides on the loss reduction, so every rank learns it without
-    another collective."""
+    another collective. The device work is `run_step`; this adds the step's one host read."""
+    done = run_step(engine, micro_batches, place, stop=stop, before_update=before_update)
+    counts = done.counts
+    # The step's one host read: loss, stop requests, gradient norm and expert counts together.
+    values = torch.cat([done.loss_and_stops, done.grad_norm.reshape(1), counts.flatten()]).tolist()
+    layers, experts = counts.shape
+    rows = [values[3 + i * experts:3 + (i + 1) * experts] for i in range(layers)]
+    stats = load_stats(rows)
+    return StepResult(loss=values[0], grad_norm=values[2],
+                      expert_load=[round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0],
+                      expert_counts=rows, data_wait_s=done.data_wait_s, stop=values[1] > 0)
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """What `run_step` leaves on the device: [mean loss, stop requests, ranks], the gradient norm (fp32
+    scalar) and the expert counts [MoE layers, E] ([0, 0] without MoE layers)."""
+    loss_and_stops: torch.Tensor
+    grad_norm: torch.Tensor
+    counts: torch.Tensor
+    data_wait_s: float
+
+
+def run_step(engine, micro_batches: Iterable[dict], place: Placement, *, stop: bool = False,
+             before_update: Callable[[], None] | None = None) -> DeviceStep:
+    """The device work of `train_step`, with no host read: micro-batches -> backward -> expert-bias
+    update -> engine step -> the loss reduction. (`liquid dryrun` runs it on fake tensors.)"""
     model, topology, device = engine.model, place.topology, place.device
     batches = iter(micro_batches)
     step_loss = torch.zeros((), device=device)
@@ -65,16 +91,10 @@ def train_step(engine, micro_batches: Iterable[dict], place: Placement, *, stop:
     counts = update_router_biases(model, topology)
     grad_norm = engine.step()
     loss_and_stops = mean_and_count(step_loss, stop, topology.dp_cp_group)
-    # The step's one host read: loss, stop requests, gradient norm and expert counts together.
-    counts = counts if counts is not None else torch.zeros(0, 0, device=device)
-    values = torch.cat([loss_and_stops, torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(1),
-                        counts.flatten().to(device)]).tolist()
-    layers, experts = counts.shape
-    rows = [values[3 + i * experts:3 + (i + 1) * experts] for i in range(layers)]
-    stats = load_stats(rows)
-    return StepResult(loss=values[0], grad_norm=values[2],
-                      expert_load=[round(s["max_over_mean"], 4) for s in stats if s["mean"] > 0],
-                      expert_counts=rows, data_wait_s=data_wait, stop=values[1] > 0)
+    counts = counts.to(device) if counts is not None else torch.zeros(0, 0, device=device)
+    return DeviceStep(loss_and_stops=loss_and_stops,
+                      grad_norm=torch.as_tensor(grad_norm, dtype=torch.float32, device=device),
+                      counts=counts, data_wait_s=data_wait)
 
 
 def _micro_step(model, engine, batch: dict, place: Placement) -> torch.Tensor:
