@@ -9,7 +9,7 @@ OPERATOR_KEYS = ["run.dir", "train.max_steps", "train.seq_len", "train.global_ba
                  "parallel.cp", "cluster.num_workers", "cluster.address", "data.path"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "liquid-8b-a1b", "lfm2-8b-a1b"])
+@pytest.mark.parametrize("preset", ["tiny", "liquid-8b-a1b", "lfm2-8b-a1b", "liquid-8b-a1b-128k"])
 def test_presets_load_into_frozen_dataclasses(preset):
     cfg = load_config(preset)
     assert isinstance(cfg, Config)
@@ -86,7 +86,7 @@ def test_data_streams_with_proportions():
         load_config("tiny", ["data.path=x", "data.streams=[{path: a}]"])
 
 
-@pytest.mark.parametrize("preset", ["liquid-8b-a1b", "lfm2-8b-a1b"])
+@pytest.mark.parametrize("preset", ["liquid-8b-a1b", "lfm2-8b-a1b", "liquid-8b-a1b-128k"])
 def test_full_size_presets_train_on_38t_tokens(preset):
     """The presets' budget is the model class's 38T tokens, and max_tokens (not max_steps) ends the run."""
     from pretrain.train.loop import last_step

@@ -5,7 +5,7 @@ process group of the layout's world size: torch's `fake` backend, collectives th
 `materialize`, all under `FakeTensorMode` on the config's device type (a CUDA config runs as fake CUDA
 tensors on a machine without a GPU). Then one step of the one training step (`run_step`, which the
 training loop runs; a full micro-batch, one accumulation step), with Adam's state as a first step leaves it,
-under torch's `MemTracker` (live tensor bytes by kind, and their peak) and `FlopCounterMode`.
+under torch's `MemTracker` (live tensor bytes by kind, and their peak), and a second under `FlopCounterMode`.
 
 Modeled, because it cannot run on fake tensors (each listed in the output):
 - routing: the MoE's token counts are data; the dry run routes `imbalance` x the mean to one expert of
@@ -147,6 +147,34 @@ def _register_flops():
         return 8 * b * h * _causal_pairs(q_len, q_offset) * d  # dV, dP, dQ, dK: twice the forward
 
 
+    @register_flop_formula(torch.ops.aten._grouped_mm)
+    def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        # torch's counter has no formula for the grouped GEMM the CUDA experts run: x [M, K] @ w [E, K, N]
+        # (each row meets one group's weights), or the weight gradient a [K, M] @ b [M, N] -> [E, K, N]
+        # (each of the M rows in one group).
+        if len(b_shape) == 3:
+            return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+    # The CPU block path (SDPA with a boolean mask) has no formula in torch's counter; it is counted by the
+    # convention of the plan (model FLOPs): the causal pairs of the block, queries at the end of its keys.
+    # (The kernel computes the masked pairs too: up to twice this on the diagonal blocks.)
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def _block_pairs(q_shape, k_shape) -> int:
+        q_len, k_len = q_shape[-2], k_shape[-2]
+        return _causal_pairs(q_len, k_len - q_len)
+
+    @register_flop_formula(cpu_attention)
+    def _cpu_attention_flops(q_shape, k_shape, *args, **kwargs) -> int:
+        return 4 * q_shape[0] * q_shape[1] * _block_pairs(q_shape, k_shape) * q_shape[-1]
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_attention_backward_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
+        return 8 * q_shape[0] * q_shape[1] * _block_pairs(q_shape, k_shape) * q_shape[-1]
+
+
 _register_flops()
 
 
@@ -165,7 +193,11 @@ def _modeled_kernels(cuda: bool, dtype):
 
     saved = (mixers.DocumentMask.attend, mixers.DocumentMask._block_starts, ffn._grouped_mm_dtype)
     if cuda:
-        mixers.DocumentMask.attend = lambda self, q, k, v, *, enable_gqa=False, backend=None: _flex_stand_in(q, k, v)
+        def attend(self, q, k, v, *, enable_gqa=False, backend=None):
+            self.block_mask()  # the real block mask (its memory is measured), then the kernel's stand-in
+            return _flex_stand_in(q, k, v)
+
+        mixers.DocumentMask.attend = attend
         ffn._grouped_mm_dtype = lambda x, w: torch.bfloat16 if dtype == torch.bfloat16 else None
     else:
         mixers.DocumentMask._block_starts = lambda self, block, firsts: [0] * len(firsts)
@@ -255,7 +287,12 @@ def _measure(cfg, topology, device, dtype, options: DryRunOptions) -> dict:
         return step()
 
     engine.step = engine_step
-    with tracker, FlopCounterMode(display=False) as flops:
+    with tracker:
+        run_step(engine, [batch], place)
+    engine.step = step
+    # FLOPs in a step of their own: FlopCounterMode's module tracking holds every module's output until
+    # backward passes it, which would keep what activation checkpointing frees out of the measured memory.
+    with FlopCounterMode(display=False) as flops:
         run_step(engine, [batch], place)
     peak = tracker.get_tracker_snapshot("peak")[device]
     kept_bytes = {k: sum(x.numel() * x.element_size() for x in xs) for k, xs in kept.items()}
@@ -268,6 +305,7 @@ def _measure(cfg, topology, device, dtype, options: DryRunOptions) -> dict:
         "communication": kept_bytes["communication"],
         "total": peak["Total"],
     }
+
     at_peak = {"gradients": peak.get(Kind.GRAD, 0) + kept_bytes["gradients"],
                "activations": peak.get(Kind.ACT, 0) + peak.get(Kind.TEMP, 0)}
     unexplained = peak.get(Kind.OTH, 0) - sum(kept_bytes.values())
@@ -315,7 +353,7 @@ def _line_tracker():
 
 def _layout(cfg, topology) -> dict:
     t, p = cfg.train, cfg.parallel
-    return {"world": topology.world, "rank": topology.rank, "dp": p.dp, "ep": p.ep, "cp": p.cp,
+    return {"world": topology.world, "rank": topology.rank, "cp_rank": topology.cp_rank, "dp": p.dp, "ep": p.ep, "cp": p.cp,
             "zero_stage": p.zero_stage, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
             "activation_checkpointing": t.activation_checkpointing}
 
@@ -342,9 +380,11 @@ def report(cfg, measured: dict, *, device: str = "H100") -> dict:
         got, want = measured["bytes"][line], plan[line]
         lines[line] = {"measured_gib": round(got / GIB, 3), "plan_gib": round(want / GIB, 3),
                        "ratio": round(got / want, 3) if want else None}
-    # The counter sees every matmul that runs, the recomputed ones too.
-    fpt = flops_per_token(cfg.model, t.seq_len) + recompute_flops_per_token(cfg.model, t.seq_len,
-                                                                             t.activation_checkpointing)
+    # The counter sees every matmul that runs, the recomputed ones too. Under context parallelism a rank's
+    # queries see the keys of its own and the earlier slices: on average those of a row of (2 r + 1) slices
+    # for CP rank r (the plan's seq_len is the row's average, slices (2 cp - 1) / 2 ... 1/2 for the ranks).
+    seq = (2 * measured["layout"]["cp_rank"] + 1) * t.seq_len // p.cp
+    fpt = flops_per_token(cfg.model, seq) + recompute_flops_per_token(cfg.model, seq, t.activation_checkpointing)
     lines["flops_per_token"] = {"measured": measured["flops_per_token"], "plan": fpt,
                                 "ratio": round(measured["flops_per_token"] / fpt, 4)}
     out = {"config": cfg.run.name, "layout": measured["layout"], "device": measured["device"],
@@ -410,6 +450,8 @@ def format_report(rep: dict) -> str:
         rows.append(f"fits one {fit['device']} ({fit['capacity_gib']:.1f} GiB): " +
                     ("yes" if fit["fits"] else "NO: " + fit["advice"]))
     rows.append("modeled: " + "; ".join(rep["modeled"]))
+    if rep.get("seconds") is not None:
+        rows.append(f"(the dry run took {rep['seconds']:.0f} s)")
     return "\n".join(rows)
 
 

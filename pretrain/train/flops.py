@@ -103,12 +103,31 @@ def recompute_flops_per_token(cfg, seq_len: int, checkpointing: str) -> int:
         return 0
     if checkpointing not in ("selective", "full"):
         raise ValueError(f"activation checkpointing must be none, selective or full, got '{checkpointing}'")
+    # The recompute stops once it has rebuilt every tensor backward needs: a region's last projection
+    # (the mixer's out_proj; for "full" a dense FFN's w2) produces no saved tensor and does not run again.
     blocks = list(zip(cfg.layer_types(), cfg.ffn_types())) + [(cfg.layer_types()[-1], "dense")] * cfg.mtp_depth
-    extra = sum(2 * mixer_params(mixer, cfg)[1] for mixer, _ in blocks)
-    extra += attention_flops_per_token(cfg, seq_len) // 3 + scan_flops_per_token(cfg) // 3
-    if checkpointing == "full":
-        extra += sum(2 * _ffn_params(ffn, cfg)[1] for _, ffn in blocks)
-    return extra
+    d = cfg.d_model
+    if checkpointing == "selective":
+        extra = sum(2 * (mixer_params(mixer, cfg)[1] - _out_projection(mixer, cfg)) for mixer, _ in blocks)
+    else:
+        extra = sum(2 * (mixer_params(mixer, cfg)[1] + _ffn_params(ffn, cfg)[1] - _ffn_output(ffn, cfg))
+                    for mixer, ffn in blocks)
+    return extra + attention_flops_per_token(cfg, seq_len) // 3 + scan_flops_per_token(cfg) // 3
+
+
+def _out_projection(kind: str, cfg) -> int:
+    """Matmul parameters of a mixer's output projection (into d_model)."""
+    if kind == "liquid":
+        return cfg.liquid.heads * cfg.liquid.value_dim * cfg.d_model
+    if kind == "attention":
+        return cfg.attention.heads * cfg.attention.head_dim * cfg.d_model
+    return cfg.d_model * cfg.d_model  # conv
+
+
+def _ffn_output(kind: str, cfg) -> int:
+    """Active matmul parameters of an FFN's output projection that a recompute skips: the dense w2. The
+    experts' w2 runs again (the top-k combine saves its outputs for the routing weights' gradient)."""
+    return cfg.dense_dim * cfg.d_model if kind == "dense" else 0
 
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched as a substring of the device name

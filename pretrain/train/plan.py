@@ -15,51 +15,80 @@ GIB = 1024**3
 
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 2,
-                     checkpointing: str = "none", attention: str = "fused") -> int:
-    """Peak saved activations for one micro-batch, summed over layers, under train.activation_checkpointing.
+                     checkpointing: str = "none", attention: str = "fused", cp: int = 1) -> int:
+    """Peak activation bytes of one micro-batch (forward activations plus backward temporaries) under
+    train.activation_checkpointing, from the tensors the code saves for backward, counted per token in
+    `_layer_bytes_per_token` and `_head_bytes_per_token` (read off `liquid dryrun`'s saved tensors at the
+    preset widths; `dtype_bytes` is the autocast dtype's size: 2 for bf16, 4 for fp32).
 
-    Per layer it counts the tensors autograd keeps: the two norm inputs and residual (3 x d), the mixer's
-    projections and outputs, and the FFN's inputs and hidden states (top_k copies for MoE). The liquid scan
-    adds its fp32 per-chunk decay and score matrices (2 x heads x chunk per token) and chunk-entry states.
-    selective keeps the residual and FFN parts of every layer plus one mixer's part at a time (backward
-    recomputes the mixers one by one); full keeps each block's input (d) plus one whole block at a time.
-    The logits are kept in every mode. attention "blocks" (the CPU path) also keeps each query's scores
-    over the keys of its block (fp32, counted for every key: the causal half and the mask's bytes).
+    none keeps every layer's tensors; selective keeps each block's input, its FFN norm and FFN, and
+    backward holds one recomputed mixer at a time; full keeps each block's input and one recomputed block.
+    On top comes the larger of the head's peak (logits, their fp32 copy, the log-softmax and its gradient,
+    at the end of the forward) and the largest recomputed region (in backward, after the head is freed).
+    `seq_len` is this rank's slice; with `cp` > 1 every attention layer also keeps the K/V it gathered
+    from the whole row (the context-parallel all-gather's buffer).
+    attention "blocks" (the CPU path) also keeps each block of queries' mask over its keys, in fp32.
     """
-    parts = [_layer_values_per_token(cfg, mixer, ffn) for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types())]
+    d, D = cfg.d_model, dtype_bytes
+    parts = [_layer_bytes_per_token(cfg, mixer, ffn, D, cp=cp)
+             for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types())]
+    # (kept through the whole step, the most one recomputed region adds in backward)
     kept = {
-        "none": lambda: sum(r + m + f for r, m, f in parts),
-        "selective": lambda: sum(r + f for r, _, f in parts) + max(m for _, m, _ in parts),
-        "full": lambda: len(parts) * cfg.d_model + max(r + m + f for r, m, f in parts),
+        "none": lambda: (sum(m + f for m, f in parts), 0),
+        "selective": lambda: (sum(D * d + f for _, f in parts), max(m for m, _ in parts)),
+        "full": lambda: (len(parts) * D * d, max(m + f for m, f in parts)),
     }
     if checkpointing not in kept:
         raise ValueError(f"activation checkpointing must be one of {sorted(kept)}, got '{checkpointing}'")
-    total = kept[checkpointing]() + cfg.vocab_size * 2  # logits (fp32 for the loss, counted as 2 bf16 slots)
+    always, recomputed = kept[checkpointing]()
+    # The head's peak comes at the end of the forward, before backward recomputes anything.
+    total = always + max(_head_bytes_per_token(cfg, D), recomputed)
     if attention == "blocks":
         a = cfg.attention
         layers = sum(1 for t in cfg.layer_types() if t == "attention")
-        total += layers * a.heads * min(seq_len, 2048) * 2 * 2 // dtype_bytes  # fp32 scores + probabilities
-    return micro_batch * seq_len * total * dtype_bytes
+        total += layers * 4 * min(seq_len, 2048)  # the block's boolean mask, saved as fp32 by the CPU kernel
+    return micro_batch * seq_len * total
 
 
-def _layer_values_per_token(cfg, mixer: str, ffn: str) -> tuple[int, int, int]:
-    """Values one layer keeps per token, in 2-byte units: (norm inputs and residual, mixer, FFN)."""
+def _norm_bytes(width: int) -> int:
+    """RMSNorm in fp32: its input and normalised output (4 bytes each), and the inverse RMS."""
+    return 8 * width + 12
+
+
+def _head_bytes_per_token(cfg, D: int) -> int:
+    """The final norm, the head's input, and the loss's peak: bf16 logits, their fp32 copy and log-softmax,
+    and the log-softmax's gradient (fp32 logits need no copy)."""
+    # bf16: logits 2 + fp32 copy 4 + log-softmax 4 + its gradient 2 at the peak; fp32: 4 + 4 + 4 (no copy)
+    return _norm_bytes(cfg.d_model) + D * cfg.d_model + 12 * cfg.vocab_size
+
+
+def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1) -> tuple[int, int]:
+    """Bytes one layer saves per token: (mixer with its norm, FFN with its norm). D = autocast dtype bytes;
+    the norms, the liquid scan and the router work in fp32."""
     d = cfg.d_model
     if mixer == "liquid":
         lc = cfg.liquid
-        mix = 2 * lc.heads * (lc.key_dim + lc.value_dim) * 2 + lc.heads * lc.value_dim * 2
-        mix += 2 * lc.heads * lc.chunk_size * 2  # fp32 chunk matrices, counted in 2-byte units
-        mix += 2 * lc.heads * lc.key_dim * lc.value_dim // lc.chunk_size * 2
+        h, c = lc.heads, lc.chunk_size
+        hn, hp = h * lc.key_dim, h * lc.value_dim
+        mix = D * d + 8 * hn + 16 * h  # in_proj's input; q and k normalised in fp32
+        mix += D * (3 * hn + 4 * hp) + h * c + 3 * h  # projections, conv, gated k; reset masks (bool)
+        mix += 16 * h * c + 20 * hn + 12 * hp + 4 * hn * lc.value_dim // c + 16 * h  # the scan, fp32
+        mix += D * 3 * hp + 8 * hp + 4 * h  # per-head norm (fp32), gate, out_proj's input
     elif mixer == "conv":
-        mix = 3 * d + 2 * d
-    else:
+        mix = 9 * D * d
+    elif mixer == "attention":
         a = cfg.attention
-        mix = (a.heads + 2 * a.kv_heads) * a.head_dim + a.heads * a.head_dim + a.heads * 2  # + lse
-    if ffn == "dense":
-        feed = d + 3 * cfg.dense_dim
+        q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        mix = D * (d + 2 * q + 2 * kv) + 8 * (q + kv) + 4 * (a.heads + a.kv_heads) + 4 * a.heads + 4 * a.head_dim
+        mix += D * 2 * kv * (cp - 1)  # the other slices' K/V, gathered
     else:
-        feed = cfg.moe.num_experts * 2 + cfg.moe.top_k * (2 * d + 3 * cfg.moe.expert_dim)
-    return 3 * d, mix, feed
+        raise ValueError(f"unknown mixer kind '{mixer}'")
+    if ffn == "dense":
+        feed = D * (d + 4 * cfg.dense_dim)
+    else:
+        m = cfg.moe
+        feed = D * m.top_k * (2 * d + 4 * m.expert_dim) + 4 * d + 12 * m.num_experts + 24 * m.top_k
+    return _norm_bytes(d) + mix, _norm_bytes(d) + feed
 
 
 def rank_groups(cfg, ep: int) -> list[tuple[int, bool]]:
@@ -104,7 +133,7 @@ def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_ba
     parameters = local * dtype_bytes
     gradients = (partition if zero_stage >= 2 and world > 1 else local) * dtype_bytes
     acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing, attention=attention,
-                            dtype_bytes=dtype_bytes)
+                            dtype_bytes=dtype_bytes, cp=cp)
     at_step = gradients + 4 * partition  # + the fp32 gradient of the partition
     out = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
            "communication": communication}

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from parallel.collectives import mean_and_count
-from parallel.context_parallel import context_parallel_loss, split_for_context_parallel
+from parallel.context_parallel import context_parallel_lm_loss, context_parallel_loss, split_for_context_parallel
 from parallel.expert_parallel import global_expert_counts, load_stats
 
 DATA_EVENT = "liquid::data"  # profiler label of fetching and moving a micro-batch (bench step reads it)
@@ -103,12 +103,13 @@ def _micro_step(model, engine, batch: dict, place: Placement) -> torch.Tensor:
         batch = split_for_context_parallel(batch, topology.cp_rank, topology.cp)
     with torch.autocast(place.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(batch["input_ids"], labels=batch["labels"], doc_start=batch.get("doc_start"))
-    loss = out.loss
+    loss, reported = out.loss, out.lm_loss.detach()
     if topology.cp > 1:
         # The CP shares add up to the row loss; the engine sums gradients over CP and averages over DP.
         loss = context_parallel_loss(out, batch["labels"], topology.cp_group)
+        reported = context_parallel_lm_loss(out, batch["labels"], topology.cp_group)
     engine.backward(loss)
-    return out.lm_loss.detach()
+    return reported
 
 
 def update_router_biases(model, topology) -> torch.Tensor | None:
