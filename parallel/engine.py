@@ -30,6 +30,10 @@ class LocalEngine:
         self._master = _bf16_with_masters(model) if dtype == torch.bfloat16 else {}
         self.optimizer, self.scheduler = build_optimizer(model, optim_cfg, max_steps, master=self._master)
 
+    def master_weights(self) -> list[torch.Tensor]:
+        """The fp32 master copies of the bf16 weights ([] in fp32)."""
+        return list(self._master.values())
+
     def _trained(self, p):
         """The tensor the optimizer updates for parameter p: its fp32 master, or p itself."""
         return self._master.get(p, p)

@@ -93,6 +93,16 @@ def test_planned_counts():
         planned_counts(64, 8, 0.5)
 
 
+def test_an_imbalanced_expert_costs_memory_on_its_rank():
+    """dp=2, ep=2: with this rank's first expert at 3x the mean, the rank receives more rows (the
+    all_to_all's receive buffers and its experts' activations grow)."""
+    from pretrain.train.dryrun import DryRunOptions
+
+    balanced = dry_run(load_config("tiny"))["bytes"]["activations"]
+    skewed = dry_run(load_config("tiny"), DryRunOptions(imbalance=3.0))["bytes"]["activations"]
+    assert skewed > balanced
+
+
 def test_cli_json_and_a_layout_that_does_not_fit():
     """A CUDA layout over the H100's memory: exit 1, the overflowing line named with the fix to try."""
     # The head's loss peaks at 12 bytes x vocab per token: 103 GB at 131,072 tokens of a 65,536 vocabulary.

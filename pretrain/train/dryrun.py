@@ -2,8 +2,8 @@
 
 The real config, `build_model` on the meta device, `parallelize` (expert and context parallelism over a
 process group of the layout's world size: torch's `fake` backend, collectives that move nothing), and
-`materialize`, all under `FakeTensorMode` on the config's device type (a CUDA config runs as fake CUDA
-tensors on a machine without a GPU). Then one step of the one training step (`run_step`, which the
+`materialize`, all under `FakeTensorMode` (fake tensors on the CPU; a CUDA config takes the kernels CUDA
+takes, see below). Then one step of the one training step (`run_step`, which the
 training loop runs; a full micro-batch, one accumulation step), with Adam's state as a first step leaves it,
 under torch's `MemTracker` (live tensor bytes by kind, and their peak), and a second under `FlopCounterMode`.
 
@@ -37,20 +37,18 @@ LINES = ("parameters", "gradients", "optimizer", "activations", "communication",
 class DryRunOptions:
     rank: int = 0
     imbalance: float = 1.0  # hottest expert's rows / the mean
-    device_memory_gib: float | None = None  # the budget the total is checked against (None: the preset's device)
 
 
 def planned_counts(rows: int, num_experts: int, imbalance: float, hot: int = 0) -> list[int]:
     """Rows per expert for `rows` routed rows: expert `hot` gets `imbalance` x the mean, the rest split evenly."""
     if imbalance < 1.0:
         raise ValueError(f"--imbalance is the hottest expert's share over the mean and must be >= 1, got {imbalance}")
-    first = min(round(rows / num_experts * imbalance), rows)
-    base, extra = divmod(rows - first, max(num_experts - 1, 1))
-    others = [base + (1 if i < extra else 0) for i in range(num_experts - 1)]
     if num_experts == 1:
         return [rows]
-    counts = others[:hot] + [first] + others[hot:]
-    return counts
+    first = min(round(rows / num_experts * imbalance), rows)
+    base, extra = divmod(rows - first, num_experts - 1)
+    others = [base + (1 if i < extra else 0) for i in range(num_experts - 1)]
+    return others[:hot] + [first] + others[hot:]
 
 
 # ---- what the dry run models -----------------------------------------------------------------------------
@@ -230,7 +228,7 @@ def fake_world(rank: int, world: int):
 
 
 def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
-    """Measure one rank of `cfg`'s layout; returns the report (see `format_dry_run`)."""
+    """Measure one rank of `cfg`'s layout: bytes per line, FLOPs per token, the layout (see `report`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from parallel.topology import build_topology
@@ -239,7 +237,7 @@ def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
     world = p.dp * p.cp
     target = "cuda" if t.device == "cuda" else "cpu"
     device = torch.device("cpu")
-    dtype = torch.bfloat16 if t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda") else None
+    dtype = torch.bfloat16 if t.dtype == "bf16" or (t.dtype == "auto" and target == "cuda") else None
     started = time.perf_counter()
     with fake_world(options.rank, world), _modeled_kernels(target == "cuda", dtype):
         topology = build_topology(p, seq_len=t.seq_len, num_experts=cfg.model.moe.num_experts)
@@ -268,7 +266,7 @@ def _measure(cfg, topology, device, dtype, options: DryRunOptions) -> dict:
         from parallel.engine import LocalEngine
 
         engine = LocalEngine(model, cfg.optim, max_steps=1, grad_accum=1, dtype=dtype)
-        kept = {"optimizer": list(engine._master.values()), "gradients": [], "communication": []}
+        kept = {"optimizer": engine.master_weights(), "gradients": [], "communication": []}
     else:
         engine = ModeledZeroEngine(model, cfg.optim, topology, zero_stage=p.zero_stage, dtype=dtype)
         kept = engine.persistent()
