@@ -106,7 +106,10 @@ def _fetch_remote_meta(url: str, root: str) -> str:
     if cached.exists() and cached.read_text() != text:
         raise ValueError(f"the cache {root} holds an older copy of {url}, which has been rewritten "
                          f"since; delete {root} and start again")
-    cached.write_text(text)
+    # The ranks of a node all fetch it: replace the cached copy atomically, so no rank reads it half-written.
+    fresh = Path(root, f".{fmt.META_FILE}.{os.getpid()}.new")
+    fresh.write_text(text)
+    os.replace(fresh, cached)
     return text
 
 

@@ -5,9 +5,9 @@ silently dropped; the counts end up in the prepare summary.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,13 +80,57 @@ def _open_lines(path: Path, fmt: str):
     if fmt == ".jsonl.gz":
         return gzip.open(path, "rb")
     if fmt == ".jsonl.zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
+        return contextlib.closing(_zstd_lines(path))
     return path.open("rb")
 
 
+def _zstd_lines(path: Path, chunk_bytes: int = 1 << 20):
+    """The lines of a .zst file (one frame or several). zstandard's stream reader ends quietly where a
+    truncated file ends; here a file that stops inside a frame raises ZstdError."""
+    import zstandard
+
+    decoder, in_frame, pending = zstandard.ZstdDecompressor().decompressobj(), False, b""
+    with path.open("rb") as fh:
+        while data := fh.read(chunk_bytes):
+            while data:
+                in_frame = True
+                pending += decoder.decompress(data)
+                data = b""
+                if decoder.eof:  # a frame ended: what follows in this chunk starts the next one
+                    data, in_frame = decoder.unused_data, False
+                    decoder = zstandard.ZstdDecompressor().decompressobj()
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line + b"\n"
+    if in_frame:
+        raise zstandard.ZstdError("the file ends inside a compressed frame (truncated)")
+    if pending:
+        yield pending
+
+
+def _corrupt_input_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors raise on a truncated or garbled file (EOFError: gzip's truncated stream)."""
+    import zlib
+
+    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _jsonl_texts(path: Path, fmt: str, text_field: str, stats: SourceStats):
+    try:
+        yield from _jsonl_records(path, fmt, text_field, stats)
+    except _corrupt_input_errors() as err:
+        raise ValueError(f"{path}: corrupt {fmt} input ({type(err).__name__}: {err}); "
+                         "re-create or remove the file") from None
+
+
+def _jsonl_records(path: Path, fmt: str, text_field: str, stats: SourceStats):
     with _open_lines(path, fmt) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -128,7 +172,10 @@ def _parquet_texts(path: Path, text_field: str, stats: SourceStats):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: corrupt .parquet input ({err}); re-create or remove the file") from None
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column '{text_field}' (columns {pf.schema_arrow.names}); set --text-field")
     kind = pf.schema_arrow.field(text_field).type

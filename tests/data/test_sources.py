@@ -98,3 +98,32 @@ def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
     odd.write_text('{"text": "x"}\n')
     assert expand_inputs([str(odd)]) == [odd]
     assert expand_inputs([str(odd.parent)]) == [odd]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbled"])
+def test_corrupt_compressed_inputs_are_one_line_errors_naming_the_file(tmp_path, kind):
+    """A truncated or garbled .jsonl.zst, .jsonl.gz or .parquet is a ValueError naming the file (not the
+    decompressor's own exception from inside a Ray task, and not a truncated .zst read as a shorter file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    body = lines(*({"text": f"document {i} " * 50} for i in range(200)))
+    whole = {"z.jsonl.zst": zstandard.ZstdCompressor().compress(body), "g.jsonl.gz": gzip.compress(body)}
+    pq.write_table(pa.table({"text": ["a parquet document"] * 100}), tmp_path / "whole.parquet")
+    whole["p.parquet"] = (tmp_path / "whole.parquet").read_bytes()
+    for name, data in whole.items():
+        if kind == "truncated":
+            bad = data[: len(data) // 2]
+        else:
+            bad = bytearray(data)
+            for i in range(len(bad) // 3, len(bad) // 3 + 64):
+                bad[i] ^= 0xFF
+            bad = bytes(bad)
+            if name.endswith(".parquet"):  # the footer is what pyarrow reads first
+                bad = data[:-8] + b"\x00" * 8
+        src = tmp_path / name
+        src.write_bytes(bad)
+        # (deflate decodes garbage until its checksum: a garbled .gz may first fail as JSON, file and line named)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(src))}(: corrupt|:\d+: not valid JSON)"):
+            read(src)
