@@ -4,6 +4,7 @@ One Ray task (or an in-process call) per input file writes <output>/parts/NNNNN;
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -177,7 +178,8 @@ def _run_in_process(jobs: list[dict], progress: Progress) -> list[dict]:
 
 
 def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, progress: Progress) -> list[dict]:
-    """One Ray task per file, at most `num_tasks` in flight; reuses an initialised Ray, stops only its own."""
+    """One Ray task per file, at most `num_tasks` in flight (default: twice the cluster's CPUs); reuses an
+    initialised Ray, stops only its own."""
     import logging
 
     import ray
@@ -186,11 +188,14 @@ def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, pro
     if started:
         ray.init(**{**ray_init, "include_dashboard": False}, logging_level=logging.WARNING)
     task = ray.remote(num_cpus=1)(prepare_file)
-    queue, pending, results = list(jobs), {}, []
+    # In flight: enough to keep every CPU of the cluster busy, not every file at once (a corpus of 100K files
+    # would hold 100K task refs and make each ray.wait scan them all: quadratic in the number of files).
+    limit = num_tasks or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    queue, pending, results = collections.deque(jobs), {}, []
     try:
         while queue or pending:
-            while queue and len(pending) < (num_tasks or len(jobs)):
-                job = queue.pop(0)
+            while queue and len(pending) < limit:
+                job = queue.popleft()
                 pending[task.remote(**job)] = job
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -302,7 +307,8 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
 
     use_ray: one Ray task per file, on the Ray this process runs, else one started with `ray_init` (the
     `ray.init` arguments; `liquid data prepare` passes cluster.safety.ray_init_kwargs(--ray-address)) and
-    stopped at the end. use_ray=False runs every file in this process. num_tasks: most Ray tasks in flight.
+    stopped at the end. use_ray=False runs every file in this process. num_tasks: most Ray tasks in flight
+    (default twice the cluster's CPUs).
     Same inputs and tokenizer -> byte-identical shards and index.json, with Ray or without.
     """
     start = time.perf_counter()
