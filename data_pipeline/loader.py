@@ -222,24 +222,32 @@ class StreamingRows:
     # ---- position -------------------------------------------------------------------------------
 
     def _start_epoch(self, epoch: int, *, offset: int, blocks_done: int = 0, row: int = 0) -> None:
-        from streaming.base.batching import generate_work
-        from streaming.base.world import World
-
-        order = generate_work(self._ds.batching_method, self._ds, World(1, 1, 1, 0), epoch, 0).reshape(-1)
-        order = order[order >= 0]
+        """Set the position; the epoch's order is generated when first read (`_rank_blocks`), so a resume,
+        which sets the position twice (construction, then the checkpoint's), generates it once."""
         self.epoch, self.offset, self.blocks_done, self.row = epoch, offset, blocks_done, row
-        self._blocks = order[offset + self.rank::self.world].copy()  # this rank's sample ids, in order
+        self._blocks: np.ndarray | None = None
         self._buffer: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._epoch_rows = 0 if (offset, blocks_done, row) == (0, 0, 0) else None
 
+    def _rank_blocks(self) -> np.ndarray:
+        """This rank's sample ids of the current epoch, in order."""
+        if self._blocks is None:
+            from streaming.base.batching import generate_work
+            from streaming.base.world import World
+
+            order = generate_work(self._ds.batching_method, self._ds, World(1, 1, 1, 0), self.epoch, 0).reshape(-1)
+            order = order[order >= 0]
+            self._blocks = order[self.offset + self.rank::self.world].copy()
+        return self._blocks
+
     def _load_buffer(self) -> None:
         while True:
-            if self.blocks_done >= len(self._blocks):
+            if self.blocks_done >= len(self._rank_blocks()):
                 if self._epoch_rows == 0:
                     raise ValueError(f"rank {self.rank}'s share of an epoch yields no rows: every block is padding")
                 self._start_epoch(self.epoch + 1, offset=0)
                 continue
-            sample_ids = self._blocks[self.blocks_done:self.blocks_done + self.buffer_blocks]
+            sample_ids = self._rank_blocks()[self.blocks_done:self.blocks_done + self.buffer_blocks]
             self._prefetch(self.blocks_done + len(sample_ids))
             rows = self._buffer_rows(sample_ids)
             if len(rows[0]):
@@ -284,7 +292,7 @@ class StreamingRows:
         return self._ds.get_item(sample_id)
 
     def _prefetch(self, start: int) -> None:
-        for sample_id in self._blocks[start:start + self.predownload]:
+        for sample_id in self._rank_blocks()[start:start + self.predownload]:
             shard_id = int(self._ds.spanner[int(sample_id)][0])
             if shard_id not in self._verified and shard_id not in self._pending:
                 self._pending[shard_id] = self._executor.submit(self._ensure_shard, shard_id)
@@ -347,7 +355,7 @@ class StreamingRows:
             parts.append([column[self.row:self.row + take] for column in self._buffer])
             self.row, batch_size = self.row + take, batch_size - take
             if self.row == len(self._buffer[0]):
-                self.blocks_done += min(self.buffer_blocks, len(self._blocks) - self.blocks_done)
+                self.blocks_done += min(self.buffer_blocks, len(self._rank_blocks()) - self.blocks_done)
                 self.row, self._buffer = 0, None
         inputs, labels, doc = (torch.from_numpy(np.concatenate(column)) for column in zip(*parts))
         return {"input_ids": inputs, "labels": labels, "doc_start": doc}

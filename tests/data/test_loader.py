@@ -125,6 +125,23 @@ def test_exact_resume_across_buffers_and_epochs(ds, tmp_path):
         assert_same(head[:3], take(again, 3, 7))
 
 
+def test_a_resume_generates_the_epoch_order_once(ds, tmp_path, monkeypatch):
+    """Constructing a loader and loading a checkpoint's position both set the epoch: the order (the costly
+    part at scale) is generated once, for the epoch the checkpoint is in."""
+    import streaming.base.batching as batching
+
+    with loader([ds], tmp_path) as rows:
+        take(rows, 30, 7)  # into the second epoch
+        state = json.loads(json.dumps(rows.state_dict()))
+    epochs = []
+    generate = batching.generate_work
+    monkeypatch.setattr(batching, "generate_work", lambda *a: epochs.append(a[3]) or generate(*a))
+    with loader([ds], tmp_path) as resumed:
+        resumed.load_state_dict(state)
+        resumed.next_batch(7)
+    assert epochs == [state["epoch"]] == [1]
+
+
 def test_each_epoch_reads_every_row_once_in_a_new_order(ds, tmp_path):
     with loader([ds], tmp_path) as rows:
         epochs = [[tuple(r) for r in row_ids(rows.next_batch(182))] for _ in range(2)]
