@@ -287,13 +287,18 @@ def _skip_report(results: list[dict]) -> tuple[dict, list[str]]:
     return skipped, where
 
 
-def _summarize(results: list[dict], output: str, seconds: float) -> dict:
+PADDING_WARNING = 0.10  # summary_line points out a padding fraction above this
+
+
+def _summarize(results: list[dict], output: str, seconds: float, block_tokens: int) -> dict:
     skipped, where = _skip_report(results)
     keys = ("documents", "tokens", "blocks", "shards", "bytes_in", "bytes_written")
     total = {k: sum(r[k] for r in results) for k in keys}
     files = [{k: v for k, v in r.items() if k != "part_index"} for r in results]
     seconds = max(seconds, 1e-6)
-    return {"output": output, **total, "seconds": round(seconds, 3),
+    # Each input file ends in a block of its own: many small files make mostly padding.
+    padding = 1 - total["tokens"] / max(total["blocks"] * block_tokens, 1)
+    return {"output": output, **total, "padding_fraction": round(max(padding, 0.0), 4), "seconds": round(seconds, 3),
             "tokens_per_s": round(total["tokens"] / seconds, 1),
             "mb_per_s": round(total["bytes_in"] / seconds / 1e6, 3), "skipped": skipped, "skipped_where": where,
             "num_inputs": len(results), "inputs": [r["path"] for r in results], "files": files}
@@ -331,7 +336,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
         results = _run_ray(jobs, ray_init, num_tasks, bar)
     if sum(r["documents"] for r in results) == 0:
         _fail_empty(results, output)
-    summary = _summarize(results, output, time.perf_counter() - start)
+    summary = _summarize(results, output, time.perf_counter() - start, block_tokens)
     index = merge_parts([(f"{PARTS_DIR}/{r['index']:05d}", r["part_index"]) for r in results])
     meta = {"block_tokens": block_tokens, "dtype": fmt.token_dtype(tok.vocab_size), "vocab_size": tok.vocab_size,
             "padded_vocab_size": tok.padded_vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
@@ -359,7 +364,15 @@ def summary_line(summary: dict) -> str:
             f"{summary['shards']:,} shards ({summary['bytes_written'] / 1e6:.1f} MB) from {summary['num_inputs']} "
             f"file(s) in {summary['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s, "
             f"{summary['mb_per_s']:.1f} MB/s)" + (f"; skipped {skipped}" if skipped else "")
-            + f" -> {summary['output']}")
+            + f" -> {summary['output']}" + _padding_note(summary))
+
+
+def _padding_note(summary: dict) -> str:
+    fraction = summary.get("padding_fraction", 0.0)
+    if fraction <= PADDING_WARNING:
+        return ""
+    return (f"\nwarning: {fraction:.0%} of the blocks' tokens are padding (each of the {summary['num_inputs']} "
+            "input files ends in a block of its own; join small files into larger ones, or lower --block-tokens)")
 
 
 def verify_shards(root: str | Path) -> list[str]:

@@ -128,6 +128,23 @@ def test_blocks_are_full_except_each_files_last_padded(dataset, tokenizer):
             assert block["tokens"][n - 1] == tok.eos_id
 
 
+def test_the_summary_reports_the_padding_and_warns_when_most_is_padding(dataset, tmp_path, tokenizer):
+    _, root, summary = dataset
+    blocks = read_blocks(root)
+    real = sum(int(b["num_tokens"]) for b in blocks)
+    assert summary["padding_fraction"] == pytest.approx(1 - real / (len(blocks) * BLOCK), abs=1e-4)
+    # Many small files: each ends in a block of its own, so nearly every token is padding.
+    small = []
+    for i in range(6):
+        small.append(tmp_path / f"small{i}.jsonl")
+        small[-1].write_bytes(jsonl([f"a short document number {i}"]))
+    tiny = run(small, tmp_path / "small-out", tokenizer)
+    assert tiny["blocks"] == 6 and tiny["padding_fraction"] > 0.5
+    assert "padding" in summary_line(tiny) and "6 input files" in summary_line(tiny)
+    if summary["padding_fraction"] <= 0.10:
+        assert "padding" not in summary_line(summary)
+
+
 def test_doc_starts_mark_every_document_start(dataset, tokenizer):
     _, root, _ = dataset
     eos = TextTokenizer(tokenizer).eos_id
