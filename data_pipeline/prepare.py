@@ -80,10 +80,24 @@ def _batches(items, size: int):
         yield batch
 
 
+class BadInput(ValueError):
+    """An input file that cannot be read (corrupt, not valid JSON, no text field): its message names it."""
+
+
+def _input_texts(path, text_field: str, stats: SourceStats):
+    try:
+        yield from iter_texts(path, text_field=text_field, stats=stats)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+
+
 def prepare_file(index: int, path: str, output: str, tokenizer: str, *, eos_token: str | None = None,
                  text_field: str = "text", block_tokens: int = fmt.BLOCK_TOKENS, compression: str | None = "zstd",
-                 hashes=("sha1",), size_limit="64mb", on_batch=None) -> dict:
-    """Input file number `index` -> shards in <output>/parts/{index:05d}; returns its stats and part index."""
+                 hashes=("sha1",), size_limit="64mb", on_batch=None, skip_bad: bool = False) -> dict:
+    """Input file number `index` -> shards in <output>/parts/{index:05d}; returns its stats and part index.
+    skip_bad: a file that cannot be read leaves no shards and is reported in the result ("bad_input")
+    instead of stopping the run (a remote output may keep the objects uploaded before the error; the
+    index never refers to them)."""
     from streaming import MDSWriter
 
     start = time.perf_counter()
@@ -98,7 +112,7 @@ def prepare_file(index: int, path: str, output: str, tokenizer: str, *, eos_toke
     stats = SourceStats()
     try:
         seen = (0, 0, 0)
-        for batch in _batches(iter_texts(path, text_field=text_field, stats=stats), ENCODE_BATCH):
+        for batch in _batches(_input_texts(path, text_field, stats), ENCODE_BATCH):
             for ids in tok.encode_batch(batch):
                 packer.add(ids)
             if on_batch is not None:
@@ -107,6 +121,16 @@ def prepare_file(index: int, path: str, output: str, tokenizer: str, *, eos_toke
                 seen = now
         packer.finish()
         writer.finish()
+    except BadInput as err:
+        writer.cancel_future_jobs()
+        if not skip_bad:
+            raise
+        if not _is_remote(output):
+            shutil.rmtree(part, ignore_errors=True)
+        return {"index": index, "path": str(path), "documents": 0, "tokens": 0, "blocks": 0, "bytes_in": 0,
+                "shards": 0, "bytes_written": 0, "skipped": {k: 0 for k in SKIP_KINDS}, "skipped_where": [],
+                "seconds": round(time.perf_counter() - start, 3), "part_index": {"version": 2, "shards": []},
+                "bad_input": str(err)}
     except BaseException:
         writer.cancel_future_jobs()
         raise
@@ -301,14 +325,18 @@ def _summarize(results: list[dict], output: str, seconds: float, block_tokens: i
     return {"output": output, **total, "padding_fraction": round(max(padding, 0.0), 4), "seconds": round(seconds, 3),
             "tokens_per_s": round(total["tokens"] / seconds, 1),
             "mb_per_s": round(total["bytes_in"] / seconds / 1e6, 3), "skipped": skipped, "skipped_where": where,
-            "num_inputs": len(results), "inputs": [r["path"] for r in results], "files": files}
+            "num_inputs": len(results), "inputs": [r["path"] for r in results], "files": files,
+            "bad_inputs": [r["bad_input"] for r in results if "bad_input" in r]}
 
 
 def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str = "text",
             block_tokens: int = fmt.BLOCK_TOKENS, compression: str | None = "zstd", hashes=("sha1",),
             ray_init: dict | None = None, num_tasks: int | None = None, progress: bool = True,
-            size_limit="64mb", overwrite: bool = False, use_ray: bool = True, eos_token: str | None = None) -> dict:
+            size_limit="64mb", overwrite: bool = False, use_ray: bool = True, eos_token: str | None = None,
+            skip_bad: bool = False) -> dict:
     """Tokenize `inputs` into MDS shards under `output` (a directory or a remote URL); returns the summary.
+    skip_bad: input files that cannot be read are left out and listed in the summary ("bad_inputs")
+    instead of stopping the run.
 
     use_ray: one Ray task per file, on the Ray this process runs, else one started with `ray_init` (the
     `ray.init` arguments; `liquid data prepare` passes cluster.safety.ray_init_kwargs(--ray-address)) and
@@ -328,7 +356,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
     _prepare_output(output, overwrite)
     jobs = [dict(index=i, path=str(p.resolve()), output=output, tokenizer=str(tok.path.resolve()),
                  eos_token=eos_token, text_field=text_field, block_tokens=block_tokens, compression=compression,
-                 hashes=hashes, size_limit=size_limit) for i, p in enumerate(files)]
+                 hashes=hashes, size_limit=size_limit, skip_bad=skip_bad) for i, p in enumerate(files)]
     bar = Progress(progress, len(jobs))
     if not use_ray:
         results = _run_in_process(jobs, bar)
@@ -354,8 +382,10 @@ def _fail_empty(results: list[dict], output: str) -> None:
     if not _is_remote(output):
         shutil.rmtree(Path(output) / PARTS_DIR, ignore_errors=True)
     kinds = ", ".join(f"{k}: {n}" for k, n in skipped.items())
+    bad = [r["bad_input"] for r in results if "bad_input" in r]
     raise ValueError(f"no documents in {len(results)} input file(s): {sum(skipped.values())} records skipped "
-                     f"({kinds})" + (f"; first: {', '.join(where[:3])}" if where else ""))
+                     f"({kinds})" + (f"; first: {', '.join(where[:3])}" if where else "")
+                     + (f"; {len(bad)} file(s) cannot be read: {'; '.join(bad[:3])}" if bad else ""))
 
 
 def summary_line(summary: dict) -> str:
@@ -364,7 +394,15 @@ def summary_line(summary: dict) -> str:
             f"{summary['shards']:,} shards ({summary['bytes_written'] / 1e6:.1f} MB) from {summary['num_inputs']} "
             f"file(s) in {summary['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s, "
             f"{summary['mb_per_s']:.1f} MB/s)" + (f"; skipped {skipped}" if skipped else "")
-            + f" -> {summary['output']}" + _padding_note(summary))
+            + f" -> {summary['output']}" + _bad_inputs_note(summary) + _padding_note(summary))
+
+
+def _bad_inputs_note(summary: dict) -> str:
+    bad = summary.get("bad_inputs", [])
+    if not bad:
+        return ""
+    return f"\nleft out {len(bad)} input file(s) that cannot be read: " + "; ".join(bad[:3]) + (
+        " ..." if len(bad) > 3 else "")
 
 
 def _padding_note(summary: dict) -> str:

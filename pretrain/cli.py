@@ -96,7 +96,7 @@ def _cmd_prepare(args) -> int:
     ray_init = None if args.no_ray else ray_init_kwargs(args.ray_address)
     summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
                       block_tokens=args.block_tokens, ray_init=ray_init, use_ray=not args.no_ray,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, skip_bad=args.skip_bad_files)
     print(summary_line(summary))
     return 0
 
@@ -124,6 +124,9 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
     p.add_argument("--no-ray", action="store_true", help="run in this process (small inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="leave out input files that cannot be read (corrupt, invalid JSON) and list them in the "
+                        "summary, instead of stopping")
     p.set_defaults(func=_cmd_prepare)
 
 

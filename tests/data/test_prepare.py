@@ -145,6 +145,26 @@ def test_the_summary_reports_the_padding_and_warns_when_most_is_padding(dataset,
         assert "padding" not in summary_line(summary)
 
 
+def test_bad_input_files_stop_the_run_or_are_left_out_and_listed(tmp_path, tokenizer):
+    import zstandard
+
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl(["a good document", "another good one"]))
+    whole = zstandard.ZstdCompressor().compress(jsonl([f"document {i} " * 40 for i in range(100)]))
+    bad = tmp_path / "bad.jsonl.zst"
+    bad.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: corrupt .jsonl.zst input"):
+        run([good, bad], tmp_path / "out", tokenizer)
+    summary = run([good, bad], tmp_path / "out2", tokenizer, skip_bad=True)
+    assert summary["documents"] == 2 and len(summary["bad_inputs"]) == 1 and str(bad) in summary["bad_inputs"][0]
+    bad_index = next(f["index"] for f in summary["files"] if f["path"] == str(bad))
+    assert not (tmp_path / "out2" / "parts" / f"{bad_index:05d}").exists()  # its part left nothing behind
+    assert "left out 1 input file(s)" in summary_line(summary)
+    assert len(read_blocks(tmp_path / "out2")) == summary["blocks"] == 1
+    with pytest.raises(ValueError, match="1 file\\(s\\) cannot be read"):
+        run([bad], tmp_path / "out3", tokenizer, skip_bad=True)
+
+
 def test_doc_starts_mark_every_document_start(dataset, tokenizer):
     _, root, _ = dataset
     eos = TextTokenizer(tokenizer).eos_id
