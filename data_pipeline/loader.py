@@ -113,6 +113,38 @@ def _fetch_remote_meta(url: str, root: str) -> str:
     return text
 
 
+def dataset_tokenizer(specs: list[StreamSpec], cache_dir: str | os.PathLike | None) -> str | None:
+    """The tokenizer `liquid data prepare` stored beside the shards of the first stream that has one: the
+    local file, or for a remote dataset a copy fetched into its stream cache. None when none has one."""
+    for spec in specs:
+        if not spec.is_remote:
+            path = Path(spec.path) / fmt.TOKENIZER_FILE
+            if path.exists():
+                return str(path)
+            continue
+        fetched = _fetch_remote_file(spec.path, _stream_root(spec, cache_dir), fmt.TOKENIZER_FILE)
+        if fetched is not None:
+            return fetched
+    return None
+
+
+def _fetch_remote_file(url: str, root: str, name: str) -> str | None:
+    """<url>/<name> downloaded to <root>/<name> (replaced atomically: the ranks of a node may fetch it
+    together); None when the remote has no such file."""
+    from streaming.base.storage import CloudDownloader
+
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".{name}.{os.getpid()}.tmp")
+    try:
+        CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", tmp)
+    except Exception:  # noqa: BLE001 - each storage client raises its own "not found"
+        Path(tmp).unlink(missing_ok=True)
+        return None
+    target = os.path.join(root, name)
+    os.replace(tmp, target)
+    return target
+
+
 def _check_streams(specs: list[StreamSpec]) -> None:
     if not specs:
         raise ValueError("no data streams given")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -104,7 +103,7 @@ def open_data(cfg, run: RunDir, topology):
     rank 0 copies the run's tokenizer into the run directory (export and eval read it there)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         specs, tokenizer = stream_specs(cfg.data)
-        tokenizer = tokenizer or cfg.data.tokenizer or _dataset_tokenizer(specs)
+        tokenizer = tokenizer or cfg.data.tokenizer or _dataset_tokenizer(specs, os.path.expanduser(cfg.data.cache_dir))
         if topology.rank == 0 and tokenizer:
             run.copy_tokenizer(tokenizer)
     barrier()
@@ -209,15 +208,11 @@ def _warn_if_expert_groups_span_nodes(topology, node_ip: str | None) -> None:
               "(cluster.placement_strategy=PACK packs them)", flush=True)
 
 
-def _dataset_tokenizer(specs) -> str | None:
-    """The tokenizer `liquid data prepare` stored beside local shards (remote datasets: set data.tokenizer)."""
-    from data_pipeline.format import TOKENIZER_FILE
+def _dataset_tokenizer(specs, cache_dir) -> str | None:
+    """The tokenizer `liquid data prepare` stored beside the shards, local or remote."""
+    from data_pipeline.loader import dataset_tokenizer
 
-    for spec in specs:
-        path = Path(spec.path) / TOKENIZER_FILE
-        if not spec.is_remote and path.exists():
-            return str(path)
-    return None
+    return dataset_tokenizer(specs, cache_dir)
 
 
 def _export(run: RunDir, cfg) -> str | None:
