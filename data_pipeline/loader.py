@@ -435,13 +435,21 @@ class StreamingRows:
             pass
 
 
+# The config key behind each setting of the data position (block_tokens, num_blocks: the prepared data).
+STATE_KEYS = {"streams": "data.path / data.streams", "seed": "train.seed", "seq_len": "train.seq_len",
+              "block_tokens": "the dataset's --block-tokens (prepared again?)", "shuffle": "data.shuffle",
+              "num_canonical_nodes": "num_canonical_nodes", "shuffle_buffer_blocks": "data.shuffle_buffer_blocks",
+              "num_blocks": "the dataset's blocks (data added or prepared again?)"}
+
+
 def _check_state(state: dict, config: dict) -> None:
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
     changed = [key for key in config if state["config"].get(key) != config[key]]
     if changed:
         raise ValueError("cannot resume the data position: " + ", ".join(
-            f"{key} was {state['config'].get(key)!r}, now {config[key]!r}" for key in changed))
+            f"{STATE_KEYS.get(key, key)} was {state['config'].get(key)!r}, now {config[key]!r}" for key in changed)
+            + "; resume with the run's data settings, or start a new run")
 
 
 def merge_rank_states(states: list[dict]) -> dict:

@@ -192,9 +192,9 @@ def test_resume_rank_exactly_and_refusals(ds, tmp_path):
         assert_same(take(same, 20, 5), expected)
     with loader([ds], tmp_path, rank=0, world=2) as other, pytest.raises(ValueError, match="rank 1"):
         other.load_state_dict(state)
-    with loader([ds], tmp_path, rank=1, world=2, seed=8) as reseeded, pytest.raises(ValueError, match="seed"):
+    with loader([ds], tmp_path, rank=1, world=2, seed=8) as reseeded, pytest.raises(ValueError, match="train.seed was 7"):
         reseeded.load_state_dict(state)
-    with loader([ds], tmp_path, rank=1, world=2, seq_len=16) as shorter, pytest.raises(ValueError, match="seq_len"):
+    with loader([ds], tmp_path, rank=1, world=2, seq_len=16) as shorter, pytest.raises(ValueError, match="train.seq_len was"):
         shorter.load_state_dict(state)
 
 
