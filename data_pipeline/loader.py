@@ -91,17 +91,14 @@ def _read_meta(spec: StreamSpec, root: str) -> dict:
 
 def _fetch_remote_meta(url: str, root: str) -> str:
     """Download the metadata afresh; a cached copy that differs means the cache holds older data."""
-    from streaming.base.storage import CloudDownloader
-
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".{fmt.META_FILE}.{os.getpid()}.tmp")
     try:
-        CloudDownloader.direct_download(f"{url.rstrip('/')}/{fmt.META_FILE}", tmp)
-        text = Path(tmp).read_text()
+        tmp = _download(url, root, fmt.META_FILE)
     except Exception as err:  # each storage client raises its own types (botocore ClientError, ...)
         raise ValueError(f"{_not_prepared(url, fmt.META_FILE)} ({err})") from err
+    try:
+        text = tmp.read_text()
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     cached = Path(root, fmt.META_FILE)
     if cached.exists() and cached.read_text() != text:
         raise ValueError(f"the cache {root} holds an older copy of {url}, which has been rewritten "
@@ -131,18 +128,27 @@ def dataset_tokenizer(specs: list[StreamSpec], cache_dir: str | os.PathLike | No
 def _fetch_remote_file(url: str, root: str, name: str) -> str | None:
     """<url>/<name> downloaded to <root>/<name> (replaced atomically: the ranks of a node may fetch it
     together); None when the remote has no such file."""
-    from streaming.base.storage import CloudDownloader
-
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".{name}.{os.getpid()}.tmp")
     try:
-        CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", tmp)
+        tmp = _download(url, root, name)
     except Exception:  # noqa: BLE001 - each storage client raises its own "not found"
-        Path(tmp).unlink(missing_ok=True)
         return None
     target = os.path.join(root, name)
     os.replace(tmp, target)
     return target
+
+
+def _download(url: str, root: str, name: str) -> Path:
+    """<url>/<name> into a file of this process's own under <root> (removed if the download fails)."""
+    from streaming.base.storage import CloudDownloader
+
+    os.makedirs(root, exist_ok=True)
+    tmp = Path(root, f".{name}.{os.getpid()}.tmp")
+    try:
+        CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _check_streams(specs: list[StreamSpec]) -> None:

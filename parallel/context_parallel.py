@@ -232,35 +232,28 @@ def context_parallel_loss(output, labels: torch.Tensor, cp_group) -> torch.Tenso
     """This rank's share of the full-sequence loss: (sum of its token losses) / (tokens with a label over
     the CP group) + aux / cp. The shares add up to the single-process loss over the whole rows, so the
     parameter gradients must be SUMMED over the CP group. `labels` is this rank's slice."""
+    return context_parallel_losses(output, labels, cp_group)[0]
+
+
+def context_parallel_losses(output, labels: torch.Tensor, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the loss, as `context_parallel_loss`; the language-model loss to report, no
+    gradient: cp x its share, so that the mean over the CP ranks is the row's token-weighted loss, where
+    a plain mean of the slices' own means is NaN for a slice without labels and unweighted otherwise).
+    One all_reduce of the label count for both."""
     group = _resolve_group(cp_group)
     if group is None or dist.get_world_size(group) == 1:
-        return output.loss
+        return output.loss, output.lm_loss.detach()
     if output.mtp_loss is not None:
         raise ValueError("multi-token prediction is not supported with context parallelism")
-    return _lm_share(output, labels, group) + output.aux_loss / dist.get_world_size(group)
-
-
-def _lm_share(output, labels: torch.Tensor, group) -> torch.Tensor:
-    """(sum of this slice's token losses) / (tokens with a label over the CP group)."""
+    size = dist.get_world_size(group)
     num_local = (labels != IGNORE_INDEX).sum()
     num_global = num_local.clone()
     dist.all_reduce(num_global, group=group)
     # A slice without labels has lm_loss = NaN (0/0); where() keeps it out of the value and the gradient.
-    lm_sum = torch.where(num_local > 0, output.lm_loss, 0.0) * num_local
-    return lm_sum / num_global.clamp_min(1)
+    share = torch.where(num_local > 0, output.lm_loss, 0.0) * num_local / num_global.clamp_min(1)
+    return share + output.aux_loss / size, share.detach() * size
 
 
-def context_parallel_lm_loss(output, labels: torch.Tensor, cp_group) -> torch.Tensor:
-    """The language-model loss to report from this CP rank: cp x its share, so that the mean over the CP
-    ranks is the row's token-weighted loss (a plain mean of the slices' own means is NaN for a slice
-    without labels and unweighted otherwise). No gradient."""
-    group = _resolve_group(cp_group)
-    if group is None or dist.get_world_size(group) == 1:
-        return output.lm_loss.detach()
-    with torch.no_grad():
-        return _lm_share(output, labels, group) * dist.get_world_size(group)
-
-
-__all__ = ["apply_context_parallel", "split_for_context_parallel", "context_parallel_loss", "context_parallel_lm_loss",
+__all__ = ["apply_context_parallel", "split_for_context_parallel", "context_parallel_loss", "context_parallel_losses",
            "context_parallel_scan", "context_parallel_halo", "context_parallel_layout", "context_parallel_kv",
            "all_gather", "carry_gains", "carried_states"]

@@ -94,11 +94,12 @@ def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1) ->
 def rank_groups(cfg, ep: int) -> list[tuple[int, bool]]:
     """(elements held by one rank, is an expert group) for each optimizer group of the engine (decay and
     no-decay, dense and expert: parallel/engine.py's groups), from a model built on the meta device."""
+    from parallel.engine import expert_parameters
     from pretrain.optim import param_groups
 
     with torch.device("meta"):
         model = LiquidLM(cfg)
-    experts = {id(p) for m in model.modules() if type(m).__name__ == "Experts" for p in m.parameters(recurse=False)}
+    experts = {id(p) for p in expert_parameters(model)}
     groups = []
     for g in param_groups(model, 0.0):
         dense = sum(p.numel() for p in g["params"] if id(p) not in experts)

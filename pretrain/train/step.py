@@ -16,7 +16,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from parallel.collectives import mean_and_count
-from parallel.context_parallel import context_parallel_lm_loss, context_parallel_loss, split_for_context_parallel
+from parallel.context_parallel import context_parallel_losses, split_for_context_parallel
 from parallel.expert_parallel import global_expert_counts, load_stats
 
 DATA_EVENT = "liquid::data"  # profiler label of fetching and moving a micro-batch (bench step reads it)
@@ -106,8 +106,7 @@ def _micro_step(model, engine, batch: dict, place: Placement) -> torch.Tensor:
     loss, reported = out.loss, out.lm_loss.detach()
     if topology.cp > 1:
         # The CP shares add up to the row loss; the engine sums gradients over CP and averages over DP.
-        loss = context_parallel_loss(out, batch["labels"], topology.cp_group)
-        reported = context_parallel_lm_loss(out, batch["labels"], topology.cp_group)
+        loss, reported = context_parallel_losses(out, batch["labels"], topology.cp_group)
     engine.backward(loss)
     return reported
 
