@@ -43,6 +43,7 @@ from checkpoints.manifest import (FORMAT, MANIFEST, CorruptCheckpoint, check_fil
                                   remember_verified, resume_candidates, sha256_file, step_dir_name, verify,
                                   was_verified)
 from checkpoints.manifest import find_checkpoint, resume_target  # noqa: F401 - callers import them from here
+from parallel.faults import fault_point
 from pretrain.run_dir import RunDir, fsync_dir, write_json_atomic
 
 
@@ -250,6 +251,7 @@ class CheckpointManager:
         tensors.update(rng)
         partial = tmp / (name + ".partial")
         save_file(tensors, str(partial), metadata={"format": FORMAT, "step": str(step)})
+        fault_point("checkpoint_write", step)  # the chaos soak's kill in the middle of a write (parallel/faults.py)
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(partial, tmp / name)

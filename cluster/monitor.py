@@ -8,6 +8,8 @@ checkpoints present and every worker's status. --follow prints that view, then o
 seconds (the live progress line of each new record, checkpoints completed, worker status changes; plain
 lines, log-friendly) until the run's summary.json appears or Ctrl-C. --plot OUT.png draws loss, tokens/s,
 MFU and expert-load imbalance over steps (tokens on the top axis) with matplotlib's Agg renderer.
+An elastic job's resizes (resizes.jsonl: when, from what size to what size, why, steps recomputed) are listed
+too, and --follow prints each new one.
 """
 from __future__ import annotations
 
@@ -108,6 +110,7 @@ class RunState:
     partial_checkpoints: list[str] = field(default_factory=list)
     latest: str | None = None
     workers: list[dict] = field(default_factory=list)
+    resizes: list[dict] = field(default_factory=list)  # an elastic job's resizes.jsonl, oldest first
 
     @property
     def target_steps(self) -> int:
@@ -146,7 +149,7 @@ def load_state(run_dir) -> RunState:
     complete, partial, latest = read_checkpoints(run_dir)
     return RunState(run_dir=run_dir, records=read_records(run_dir), max_steps=max_steps, max_tokens=max_tokens,
                     summary=finished_summary(run_dir), checkpoints=complete, partial_checkpoints=partial,
-                    latest=latest, workers=read_workers(run_dir))
+                    latest=latest, workers=read_workers(run_dir), resizes=RunDir(run_dir).read_resizes())
 
 
 # ----------------------------------------------------------------------------------------------- totals
@@ -287,16 +290,36 @@ def worker_line(w: dict) -> str:
             f"{w.get('status', '?'):<9} {_ago(w.get('time'))}" + (f" ({'; '.join(extra)})" if extra else ""))
 
 
+def resize_line(r: dict) -> str:
+    """One resize of an elastic job: when, from what size to what size, why, and the steps trained again."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r.get("time") else "?"
+    recomputed = r.get("steps_recomputed")
+    return (f"  {when}  {r.get('from_workers', '?')} -> {r.get('to_workers', '?')} workers ({r.get('reason', '?')}) "
+            f"after step {r.get('last_step', '?')}: resumed from step {r.get('checkpoint_step', '?')}, "
+            f"{'?' if recomputed is None else recomputed} step{'' if recomputed == 1 else 's'} recomputed")
+
+
+def resizes_block(resizes: list[dict]) -> list[str]:
+    if not resizes:
+        return []
+    return [f"resizes ({len(resizes)}, elastic):", *(resize_line(r) for r in resizes)]
+
+
 def render(state: RunState, *, last: int = 10) -> str:
     """The whole view of a run directory (raises the no-metrics error when it has no record yet)."""
     if not state.records:
         raise no_metrics_error(state.run_dir)
     lines = [status_line(state), *latest_block(state), "", f"last {min(last, len(state.records))} records:",
              TABLE_HEADER, *(table_row(r) for r in state.records[-last:]), "", totals_line(state.records),
-             checkpoints_line(state)]
-    if state.workers:
-        lines += [f"workers ({len(state.workers)}):", *(worker_line(w) for w in state.workers)]
-    else:
+             checkpoints_line(state), *resizes_block(state.resizes)]
+    world = next((w.get("world") for w in state.workers if w["rank"] == 0), None)
+    current = [w for w in state.workers if world is None or w["rank"] < world]
+    if current:
+        lines += [f"workers ({len(current)}):", *(worker_line(w) for w in current)]
+    if len(current) < len(state.workers):  # an elastic job that shrank: files of ranks it no longer has
+        lines += [f"workers of an earlier, larger attempt ({len(state.workers) - len(current)}):",
+                  *(worker_line(w) for w in state.workers if w not in current)]
+    if not state.workers:
         lines.append("workers: none recorded")
     return "\n".join(lines)
 
@@ -420,6 +443,7 @@ def follow(run_dir, *, interval: float = 5.0, last: int = 10, plot_path=None, st
     last_step = state.records[-1]["step"]
     seen_ckpts = set(state.checkpoints)
     worker_status = {w["rank"]: (w.get("status"), w.get("pid")) for w in state.workers}
+    seen_resizes = len(state.resizes)
     if state.summary is None:
         say(f"following {Path(run_dir)} every {interval:g} s until {SUMMARY} appears (Ctrl-C stops)")
     while state.summary is None:
@@ -440,6 +464,9 @@ def follow(run_dir, *, interval: float = 5.0, last: int = 10, plot_path=None, st
             if name not in seen_ckpts:
                 say(f"checkpoint: {name} complete")
         seen_ckpts = set(state.checkpoints)
+        for r in state.resizes[seen_resizes:]:
+            say("resize:" + resize_line(r)[1:])
+        seen_resizes = len(state.resizes)
         for w in state.workers:
             now = (w.get("status"), w.get("pid"))
             if worker_status.get(w["rank"]) != now:

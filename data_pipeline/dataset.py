@@ -23,11 +23,16 @@ def stream_specs(data_cfg, *, log=print) -> tuple[list[StreamSpec], str | None]:
 
 
 def build_dataset(data_cfg, *, seq_len: int, vocab_size: int, seed: int, rank: int = 0, world: int = 1,
-                  log=print) -> StreamingRows:
+                  global_batch: int | None = None, record: str | None = None, log=print) -> StreamingRows:
+    """Data-parallel rank `rank` of `world`'s rows of each global step of `global_batch` rows (the order
+    does not depend on world: data_pipeline/order.py). `record`: a file each batch's row numbers go to."""
     specs, _ = stream_specs(data_cfg, log=log)
     loader = StreamingRows(specs, seq_len=seq_len, seed=seed, cache_dir=os.path.expanduser(data_cfg.cache_dir),
                            shuffle=data_cfg.shuffle, shuffle_buffer_blocks=data_cfg.shuffle_buffer_blocks,
-                           rank=rank, world=world, validate_hash=data_cfg.validate_hash)
+                           rank=rank, world=world, global_batch=global_batch, lanes=data_cfg.lanes,
+                           validate_hash=data_cfg.validate_hash, cache_limit=None if data_cfg.cache_limit_gb is None
+                           else int(data_cfg.cache_limit_gb * 2**30),
+                           record=record)
     if loader.vocab_size > vocab_size:
         loader.close()
         raise ValueError(f"the data was tokenized with a vocabulary of {loader.vocab_size} tokens, more than "

@@ -1,35 +1,35 @@
-"""The training data loader: MDS blocks (local or remote) -> mixed, shuffled, rank-partitioned rows.
+"""The training data loader: MDS blocks (local or remote) -> the run's global row order -> this rank's rows.
 
-Exactly resumable: `state_dict()` then `load_state_dict()` on a new loader continues bit for bit.
+The order (data_pipeline/order.py) is global and layout-free: global step s consumes global rows
+[s * B, (s + 1) * B) (B = train.global_batch_size) whatever the number of data-parallel ranks, the
+micro-batch size or the accumulation; data-parallel rank r of `world` reads rows r * B / world ... of
+each step, in micro-batches. So the position is one number, the global rows consumed: a checkpoint taken
+at one layout resumes at any other exactly (the same rows in every step), which is what resharding and
+elastic resizing need.
 
-How: one `streaming.StreamingDataset` (a `Stream` per `StreamSpec`, proportions passed through) gives
-each epoch's global block order with streaming's own resampling and shuffle, generated for a world of one
-(`generate_work`, batch size 1), so it depends on the data, `seed` and `num_canonical_nodes` (default 1;
-larger values let streaming pad an epoch with a few repeated blocks), never on the number of ranks.
-`StreamingDataset.get_item` reads blocks, downloading remote shards into `cache_dir/<hash of the URL>`
-(shared by the ranks of a node through streaming's shared memory when RANK, WORLD_SIZE, LOCAL_WORLD_SIZE
-are set; then every process must build its loader, as streaming synchronises them). Data-parallel rank r
-takes global positions r, r + world, r + 2 world... of each epoch. The rows of `shuffle_buffer_blocks`
-consecutive blocks of a rank are permuted with an RNG seeded by (seed, epoch, the buffer's first global
-position). StreamingDataset's iterator and its state_dict/load_state_dict are not used: they need one
-process per rank and a global sample count, whereas this position is per rank and per row.
+Every block gives rows_per_block rows (seq_len + 1 tokens each, format.py); a row past a block's real
+tokens is all padding (labels -100), so the row count of every block is known without reading it.
+`liquid data prepare` packs the tails of files together, so such rows are rare; the training loss is
+token-weighted over the global batch, so they weigh nothing.
 
-State: {"epoch", "offset" (global position where this world's share of the epoch starts), "blocks_done"
-(this rank's blocks before its current buffer), "row_in_buffer", "rank", "world", "config"}.
-Resuming with a different number of data-parallel ranks:
-  * same world and rank: exact (the same rows in the same order, bit for bit), even with another batch size;
-  * another world (or a state from `merge_rank_states`): block-exact at global position
-    offset + blocks_done * old_world: the blocks before it count as read, the new ranks read every block
-    from it on. So the old ranks' current buffers are read again (at most shuffle_buffer_blocks * old_world
-    blocks), nothing is skipped, and the row order differs from the old world's. Ranks share one global
-    position when their blocks give equal numbers of rows; a file's last block gives fewer, so pass
-    `merge_rank_states(every rank's state)` (the least advanced) to be sure no block is skipped;
-  * refused (ValueError): another rank's state in the same world, or a change of streams, proportions,
-    seed, seq_len, block size, shuffle settings, num_canonical_nodes or number of blocks.
+Storage stays mosaicml-streaming's: MDS shards and index.json, its downloader (CloudDownloader), its
+decompression and hashing, its shard readers (`reader_from_json`). What does not scale is replaced:
+`StreamingDataset` loads every shard's index entry into each process (3 GiB and 29 s per rank at 10T
+tokens) and builds each epoch's whole sample order; here a memory-mapped shard table
+(data_pipeline/shard_table.py) locates a block, and the order is computed for the rows asked for.
+
+Remote shards are downloaded into `cache_dir/<hash of the URL>` (one download per node: the ranks of a
+node take a file lock per shard), hash-checked, and read from there.
+
+State: {"version", "rows": global rows of the finished steps, "in_step": rows this rank took of the
+current step, "rank", "world", "global_batch", "config"}. At a step boundary (in_step 0, where
+checkpoints are taken) it does not depend on the rank or the world: any layout resumes from it exactly.
+A change of streams, proportions, seed, seq_len, block size, shuffle settings or dataset is refused.
 """
 from __future__ import annotations
 
-import atexit
+import collections
+import fcntl
 import hashlib
 import json
 import os
@@ -38,14 +38,13 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import gettempdir
 
 import numpy as np
 import torch
 
 from data_pipeline import format as fmt
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 IGNORE_INDEX = -100
 INDEX_FILE = "index.json"
 AGREED_META = ("block_tokens", "dtype", "tokenizer_sha256")
@@ -142,7 +141,7 @@ def _download(url: str, root: str, name: str) -> Path:
     from streaming.base.storage import CloudDownloader
 
     os.makedirs(root, exist_ok=True)
-    tmp = Path(root, f".{name}.{os.getpid()}.tmp")
+    tmp = Path(root, f".{Path(name).name}.{os.getpid()}.tmp")
     try:
         CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", str(tmp))
     except BaseException:
@@ -175,24 +174,6 @@ def _check_agreement(specs: list[StreamSpec], metas: list[dict]) -> None:
                                  "the same tokenizer and block size")
 
 
-def _build_dataset(specs: list[StreamSpec], roots: list[str], *, seed: int, shuffle: bool,
-                   num_canonical_nodes: int, predownload: int):
-    from streaming import Stream, StreamingDataset
-
-    streams = [Stream(remote=spec.path if spec.is_remote else None, local=root, proportion=spec.proportion)
-               for spec, root in zip(specs, roots)]
-    try:
-        # batch_size=1: the global order is generated for a world of one (see the module docstring).
-        return StreamingDataset(streams=streams, shuffle=shuffle, shuffle_seed=seed, batch_size=1,
-                                num_canonical_nodes=num_canonical_nodes, predownload=predownload,
-                                shuffle_block_size=max(4_000_000 // num_canonical_nodes, 1 << 18))
-    except Exception as err:
-        for spec, root in zip(specs, roots):
-            if not os.path.isfile(os.path.join(root, INDEX_FILE)):
-                raise ValueError(f"{_not_prepared(spec.path, INDEX_FILE)} ({err})") from err
-        raise
-
-
 def _pick_hash(hashes: dict) -> str | None:
     for algo in _HASH_PREFERENCE:
         if algo in hashes:
@@ -200,41 +181,170 @@ def _pick_hash(hashes: dict) -> str | None:
     return min(hashes, default=None)
 
 
+class _Stream:
+    """One prepared dataset: where its shards are read from, its shard table and its hash algorithm."""
+
+    def __init__(self, spec: StreamSpec, root: str, cache_dir, validate_hash: bool):
+        from data_pipeline.shard_table import ShardTable
+
+        self.spec, self.root = spec, root
+        fetch = (lambda name: _fetch_remote_file(spec.path, root, name)) if spec.is_remote else None
+        # A dataset prepared before the table existed gets one built once, beside the cache, not in the user's data.
+        build_dir = root if spec.is_remote else (_table_dir(spec, cache_dir) if cache_dir is not None else None)
+        try:
+            self.table = ShardTable.open(root, fetch=fetch, build_dir=build_dir)
+        except FileNotFoundError as err:
+            raise ValueError(f"{_not_prepared(spec.path, INDEX_FILE)} ({err})") from err
+        first = self.table.entry(0)
+        self.algo = _pick_hash(first["raw_data"].get("hashes") or {}) if validate_hash else None
+        if validate_hash and self.algo is None:
+            warnings.warn(f"{spec.path}: the index records no shard hashes; only shard sizes are checked")
+        # Where decompressed copies of a local dataset's compressed-only shards go (the user's data stays as it is).
+        self.unpacked = _table_dir(spec, cache_dir) if cache_dir is not None and not spec.is_remote else None
+        self._readers: dict[int, object] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.table.num_samples)
+
+    def reader(self, shard_id: int, dirname: str):
+        """streaming's reader of a shard made local and checked under `dirname` (StreamingRows._ensure_shard)."""
+        reader = self._readers.get(shard_id)
+        if reader is None:
+            from streaming.base.format import reader_from_json
+
+            reader = self._readers[shard_id] = reader_from_json(dirname, None, self.table.entry(shard_id))
+        return reader
+
+
+def _table_dir(spec: StreamSpec, cache_dir) -> str:
+    digest = hashlib.sha256(os.path.abspath(spec.path).encode()).hexdigest()[:16]
+    return os.path.join(os.path.abspath(cache_dir), "tables", digest)
+
+
+class _ShardCache:
+    """The decompressed shard files a node keeps under its cache folders, at most `limit` bytes (None:
+    unbounded). The ranks of a node share it: before a shard is written, the least recently used shards
+    (by mtime: set when a rank downloads or checks one) are deleted until the new one fits, except those
+    the caller still needs. A rank whose shard was deleted under it fetches it again (StreamingRows._block)."""
+
+    def __init__(self, roots: list[str], limit: int | None):
+        self.roots, self.limit, self._warned = roots, limit, False
+
+    def files(self) -> list[tuple[float, int, str]]:
+        found = []
+        for root in self.roots:
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    if name.startswith("shard.") and name.endswith(".mds"):
+                        path = os.path.join(folder, name)
+                        try:
+                            st = os.stat(path)
+                        except FileNotFoundError:  # another rank evicted it meanwhile
+                            continue
+                        found.append((st.st_mtime, st.st_size, path))
+        return found
+
+    def usage(self) -> int:
+        return sum(size for _, size, _ in self.files())
+
+    def make_room(self, need: int, keep: set[str]) -> None:
+        if self.limit is None:
+            return
+        files = self.files()
+        usage = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if usage + need <= self.limit:
+                return
+            if path not in keep:
+                Path(path).unlink(missing_ok=True)
+                usage -= size
+        if usage + need > self.limit and not self._warned:
+            self._warned = True
+            warnings.warn(f"data.cache_limit_gb={self.limit / 2**30:.3g} is smaller than the shards the ranks "
+                          f"of this node read at once ({(usage + need) / 2**30:.3g} GiB); raise it")
+
+
+def default_cache_limit(roots: list[str]) -> int:
+    """80% of what the cache's disk has free, counting the shards already cached as free."""
+    import shutil
+
+    for root in roots:
+        os.makedirs(root, exist_ok=True)
+    cached = _ShardCache(roots, None).usage()
+    return int(0.8 * (shutil.disk_usage(roots[0]).free + cached))
+
+
+MAX_DEFAULT_LANES = 64
+PLAN_AHEAD = 1024  # rows of this rank's order worked out at once (StreamingRows._plan)
+
+
+def default_lanes(global_batch: int, epoch_blocks: int) -> int:
+    """The largest divisor of the global batch up to MAX_DEFAULT_LANES and the epoch's blocks: enough lanes
+    for every node of a 64-node job to read its own shards."""
+    return max(d for d in range(1, min(global_batch, MAX_DEFAULT_LANES, epoch_blocks) + 1) if global_batch % d == 0)
+
+
 class StreamingRows:
-    """Micro-batches of rows for one data-parallel rank; see the module docstring."""
+    """Micro-batches of rows for one data-parallel rank; see the module docstring.
+
+    global_batch: rows per global step (train.global_batch_size), a multiple of `world`; default `world`
+    (one row per rank per step). lanes: data.lanes (default `default_lanes`), see data_pipeline/order.py. record: a path to which each `next_batch` appends one JSON line of the
+    rows it gave (global row number, and epoch, block and row within the block), for accounting tests.
+    """
 
     def __init__(self, streams: list[StreamSpec], *, seq_len: int, seed: int, cache_dir: str | os.PathLike | None,
                  shuffle: bool = True, shuffle_buffer_blocks: int = 8, rank: int = 0, world: int = 1,
-                 num_canonical_nodes: int | None = None, validate_hash: bool = True,
-                 predownload: int | None = None):
+                 global_batch: int | None = None, lanes: int | None = None, validate_hash: bool = True,
+                 predownload: int | None = None, record: str | os.PathLike | None = None,
+                 cache_limit: int | None = None):
+        from data_pipeline.order import BlockOrder, RowOrder
+
         specs = [StreamSpec(s) if isinstance(s, str) else s for s in streams]
         _check_streams(specs)
         if not 0 <= rank < world:
             raise ValueError(f"data rank {rank} is not in [0, {world})")
+        global_batch = world if global_batch is None else int(global_batch)
+        if global_batch < world or global_batch % world:
+            raise ValueError(f"train.global_batch_size={global_batch} rows must be a multiple of the "
+                             f"{world} data-parallel ranks")
         if shuffle_buffer_blocks < 1:
-            raise ValueError(f"shuffle_buffer_blocks={shuffle_buffer_blocks} must be >= 1")
+            raise ValueError(f"data.shuffle_buffer_blocks={shuffle_buffer_blocks} must be >= 1")
         roots = [_stream_root(s, cache_dir) for s in specs]
         metas = [_read_meta(s, r) for s, r in zip(specs, roots)]
         _check_agreement(specs, metas)
         self.meta, self.seq_len, self.seed, self.rank, self.world = metas[0], seq_len, seed, rank, world
+        self.global_batch, self.per_rank = global_batch, global_batch // world
         self.rows_per_block = fmt.rows_per_block(self.block_tokens, seq_len)
-        self.shuffle, self.buffer_blocks = shuffle, shuffle_buffer_blocks
-        self.predownload = shuffle_buffer_blocks if predownload is None else predownload
-        ncn = num_canonical_nodes or 1
         self._specs = specs
-        self._ds = _build_dataset(specs, roots, seed=seed, shuffle=shuffle, num_canonical_nodes=ncn,
-                                  predownload=max(self.predownload, 1))
-        self._hash = self._hash_algorithms(validate_hash)
-        self.num_blocks = int(self._ds.epoch_size)
-        if self.num_blocks < world:
-            raise ValueError(f"the data has {self.num_blocks} blocks per epoch, fewer than {world} ranks")
+        self._streams = [_Stream(s, r, cache_dir, validate_hash) for s, r in zip(specs, roots)]
+        stream_blocks = [s.num_blocks for s in self._streams]
+        proportions = [s.proportion for s in specs] if specs[0].proportion is not None else None
+        self._stream_offsets = np.concatenate([[0], np.cumsum(stream_blocks)]).astype(np.int64)
+        blocks = BlockOrder(stream_blocks, seed=seed, shuffle=shuffle, proportions=proportions)
+        lanes = default_lanes(global_batch, blocks.epoch_blocks) if lanes is None else int(lanes)
+        self.order = RowOrder(blocks, rows_per_block=self.rows_per_block, window=shuffle_buffer_blocks,
+                              global_batch=global_batch, lanes=lanes, seed=seed, shuffle=shuffle)
         self._config = {"streams": [[s.path, s.proportion] for s in specs], "seed": seed, "seq_len": seq_len,
-                        "block_tokens": self.block_tokens, "shuffle": shuffle, "num_canonical_nodes": ncn,
-                        "shuffle_buffer_blocks": shuffle_buffer_blocks, "num_blocks": self.num_blocks}
-        self._verified: set[int] = set()
-        self._pending: dict[int, Future] = {}
+                        "block_tokens": self.block_tokens, "shuffle": shuffle,
+                        "shuffle_buffer_blocks": shuffle_buffer_blocks, "stream_blocks": stream_blocks,
+                        "global_batch": global_batch, "lanes": lanes}
+        cached = [s.root if s.spec.is_remote else s.unpacked for s in self._streams]
+        cached = [c for c in cached if c is not None]
+        if cache_limit is None and any(s.spec.is_remote for s in self._streams):
+            cache_limit = default_cache_limit(cached)
+        self.cache = _ShardCache(cached, cache_limit)
+        self.predownload = self.per_rank if predownload is None else predownload
+        self.record = Path(record) if record is not None else None
+        self.rows, self.in_step = 0, 0  # the position: global rows of finished steps, this rank's rows of the next
+        # Decoded blocks (sample id -> arrays), least recently used first: the windows this rank reads
+        # from (its rows of a step span about per_rank / per_lane lanes), twice over.
+        self._blocks: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._keep_blocks = 2 * shuffle_buffer_blocks * (-(-self.per_rank // self.order.per_lane) + 1)
+        self._ahead: tuple[int, tuple | None] = (0, None)  # (this rank's row it starts at, the planned order)
+        self._verified: dict[tuple[int, int], str] = {}  # checked shards -> the directory they are read from
+        self._pending: dict[tuple[int, int], Future] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="liquid-data-prefetch")
-        self._start_epoch(0, offset=0)
 
     @property
     def block_tokens(self) -> int:
@@ -244,189 +354,209 @@ class StreamingRows:
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
-    def _hash_algorithms(self, validate_hash: bool) -> list[str | None]:
-        """One algorithm per stream, also handed to streaming, which checks downloads and zips with it."""
-        algos = []
-        for stream_id, stream in enumerate(self._ds.streams):
-            raw_info, _ = self._ds.shards[self._ds.shard_offset_per_stream[stream_id]].file_pairs[0]
-            algo = _pick_hash(raw_info.hashes) if validate_hash else None
-            if validate_hash and algo is None:
-                warnings.warn(f"{self._specs[stream_id].path}: the index records no shard hashes; "
-                              "only shard sizes are checked")
-            stream.validate_hash = algo
-            algos.append(algo)
-        return algos
+    @property
+    def epoch(self) -> int:
+        return self.rows // self.order.rows_per_epoch
 
-    # ---- position -------------------------------------------------------------------------------
+    # ---- the order --------------------------------------------------------------------------------
 
-    def _start_epoch(self, epoch: int, *, offset: int, blocks_done: int = 0, row: int = 0) -> None:
-        """Set the position; the epoch's order is generated when first read (`_rank_blocks`), so a resume,
-        which sets the position twice (construction, then the checkpoint's), generates it once."""
-        self.epoch, self.offset, self.blocks_done, self.row = epoch, offset, blocks_done, row
-        self._blocks: np.ndarray | None = None
-        self._buffer: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._epoch_rows = 0 if (offset, blocks_done, row) == (0, 0, 0) else None
+    def _global_rows(self, count: int, *, rows: int | None = None, in_step: int | None = None) -> np.ndarray:
+        """The global row numbers of this rank's next `count` rows from a position (default: the current)."""
+        rows = self.rows if rows is None else rows
+        mine = (self.in_step if in_step is None else in_step) + np.arange(count, dtype=np.int64)
+        step, within = np.divmod(mine, self.per_rank)
+        return rows + step * self.global_batch + self.rank * self.per_rank + within
 
-    def _rank_blocks(self) -> np.ndarray:
-        """This rank's sample ids of the current epoch, in order."""
-        if self._blocks is None:
-            from streaming.base.batching import generate_work
-            from streaming.base.world import World
+    def _locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stream, shard within the stream, sample within the shard) of global sample ids."""
+        stream = np.searchsorted(self._stream_offsets, sample_ids, side="right") - 1
+        shard, index = np.empty_like(sample_ids), np.empty_like(sample_ids)
+        for i in np.unique(stream):
+            sel = stream == i
+            shard[sel], index[sel] = self._streams[i].table.locate(sample_ids[sel] - self._stream_offsets[i])
+        return stream, shard, index
 
-            order = generate_work(self._ds.batching_method, self._ds, World(1, 1, 1, 0), self.epoch, 0).reshape(-1)
-            order = order[order >= 0]
-            self._blocks = order[self.offset + self.rank::self.world].copy()
-        return self._blocks
-
-    def _load_buffer(self) -> None:
-        while True:
-            if self.blocks_done >= len(self._rank_blocks()):
-                if self._epoch_rows == 0:
-                    raise ValueError(f"rank {self.rank}'s share of an epoch yields no rows: every block is padding")
-                self._start_epoch(self.epoch + 1, offset=0)
-                continue
-            sample_ids = self._rank_blocks()[self.blocks_done:self.blocks_done + self.buffer_blocks]
-            self._prefetch(self.blocks_done + len(sample_ids))
-            rows = self._buffer_rows(sample_ids)
-            if len(rows[0]):
-                self._buffer = rows
-                if self._epoch_rows is not None:
-                    self._epoch_rows += len(rows[0])
-                return
-            self.blocks_done += len(sample_ids)
-
-    def _buffer_rows(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = [self._block_rows(self._read_block(int(sample_id))) for sample_id in sample_ids]
-        inputs, labels, doc = (np.concatenate(column) for column in zip(*parts))
-        if self.shuffle:
-            first = self.offset + self.rank + self.blocks_done * self.world  # global position of the buffer
-            perm = np.random.default_rng([self.seed, self.epoch, first]).permutation(len(inputs))
-            inputs, labels, doc = inputs[perm], labels[perm], doc[perm]
-        return inputs, labels, doc
-
-    def _block_rows(self, sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row i = tokens[i*seq : i*seq+seq+1]; rows that are all padding are dropped."""
-        tokens, num_tokens, seq = sample["tokens"], int(sample["num_tokens"]), self.seq_len
-        if len(tokens) != self.block_tokens:
-            raise DataCorruptionError(f"a block has {len(tokens)} tokens, the metadata says {self.block_tokens}")
-        num_rows = min(self.rows_per_block, max(0, (num_tokens + seq - 2) // seq))
-        index = np.arange(num_rows)[:, None] * seq + np.arange(seq + 1)[None, :]  # [rows, seq + 1]
-        window = tokens[index].astype(np.int64)
-        labels = window[:, 1:].copy()
-        labels[index[:, 1:] >= num_tokens] = IGNORE_INDEX
-        doc_starts = np.asarray(sample["doc_starts"], dtype=np.int64)
-        starts = np.zeros(self.block_tokens, dtype=bool)
-        starts[doc_starts[doc_starts < num_tokens]] = True  # a block with no start stores [block_tokens]
-        return window[:, :-1], labels, starts[index[:, :-1]]
-
-    # ---- shards ---------------------------------------------------------------------------------
-
-    def _read_block(self, sample_id: int) -> dict:
-        shard_id = int(self._ds.spanner[sample_id][0])
-        pending = self._pending.pop(shard_id, None)
-        if pending is not None:
-            pending.result()  # re-raises what the prefetch found
-        self._ensure_shard(shard_id)
-        return self._ds.get_item(sample_id)
-
-    def _prefetch(self, start: int) -> None:
-        for sample_id in self._rank_blocks()[start:start + self.predownload]:
-            shard_id = int(self._ds.spanner[int(sample_id)][0])
-            if shard_id not in self._verified and shard_id not in self._pending:
-                self._pending[shard_id] = self._executor.submit(self._ensure_shard, shard_id)
-
-    def _ensure_shard(self, shard_id: int) -> None:
-        """Make the shard local and checked: files already there are hashed here, downloads by streaming."""
-        if shard_id in self._verified:
-            return
-        stream_id = int(self._ds.stream_per_shard[shard_id])
-        stream, spec, algo = self._ds.streams[stream_id], self._specs[stream_id], self._hash[stream_id]
-        raw_info, zip_info = self._ds.shards[shard_id].file_pairs[0]
-        raw = os.path.join(stream.local, stream.split, raw_info.basename)
-        zipped = zip_info and os.path.join(stream.local, stream.split, zip_info.basename)
-        if os.path.isfile(raw):
-            self._check_file(raw, raw_info, algo, spec)
-        elif not spec.is_remote and not (zipped and os.path.isfile(zipped)):
-            raise DataCorruptionError(f"shard {raw_info.basename} listed in {spec.path}/{INDEX_FILE} is missing")
-        else:
-            try:
-                self._ds.prepare_shard(shard_id)
-            except ValueError as err:
-                if "Checksum failure" not in str(err):
-                    raise
-                self._drop_cached(spec, raw, zipped)
-                raise DataCorruptionError(f"shard {(zip_info or raw_info).basename} of {spec.path} does not "
-                                          f"match the {algo} hash in its index: the data is corrupt") from err
-        self._verified.add(shard_id)
-
-    def _check_file(self, path: str, info, algo: str | None, spec: StreamSpec) -> None:
-        from streaming.base.hashing import get_hash
-
-        data = Path(path).read_bytes()
-        problem = (f"has {len(data)} bytes where its index says {info.bytes}" if len(data) != info.bytes else
-                   f"does not match the {algo} hash in its index"
-                   if algo and get_hash(algo, data) != info.hashes[algo] else None)
-        if problem:
-            self._drop_cached(spec, path, None)
-            raise DataCorruptionError(f"shard {info.basename} of {spec.path} ({path}) {problem}: the file is "
-                                      "truncated or corrupt; prepare or upload the data again")
-
-    @staticmethod
-    def _drop_cached(spec: StreamSpec, *paths: str | None) -> None:
-        """A corrupt copy in the cache would fail again; local data is the user's and stays."""
-        if spec.is_remote:
-            for path in paths:
-                if path:
-                    Path(path).unlink(missing_ok=True)
-
-    # ---- public ---------------------------------------------------------------------------------
+    # ---- public -----------------------------------------------------------------------------------
 
     def next_batch(self, batch_size: int) -> dict:
         """The next `batch_size` rows of this rank: input_ids, labels (-100 at padding), doc_start."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        parts = []
-        while batch_size > 0:
-            if self._buffer is None:
-                self._load_buffer()
-            take = min(batch_size, len(self._buffer[0]) - self.row)
-            parts.append([column[self.row:self.row + take] for column in self._buffer])
-            self.row, batch_size = self.row + take, batch_size - take
-            if self.row == len(self._buffer[0]):
-                self.blocks_done += min(self.buffer_blocks, len(self._rank_blocks()) - self.blocks_done)
-                self.row, self._buffer = 0, None
-        inputs, labels, doc = (torch.from_numpy(np.concatenate(column)) for column in zip(*parts))
-        return {"input_ids": inputs, "labels": labels, "doc_start": doc}
+        rows, epoch, sample, row, stream, shard, index = self._plan(batch_size)
+        wanted = {int(s): (int(st), int(sh), int(ix)) for s, st, sh, ix in zip(sample, stream, shard, index)}
+        for s, where in wanted.items():
+            if s in self._blocks:
+                self._blocks.move_to_end(s)
+            else:
+                self._blocks[s] = self._block(*where)
+        while len(self._blocks) > max(self._keep_blocks, len(wanted)):  # least recently used first
+            self._blocks.popitem(last=False)
+        parts = [self._blocks[int(s)] for s in sample]
+        seq, first = self.seq_len, (row * self.seq_len).tolist()  # row r holds tokens [r seq, r seq + seq + 1)
+        window = np.stack([p[0][f:f + seq + 1] for p, f in zip(parts, first)]).astype(np.int64)
+        doc = np.stack([p[2][f:f + seq] for p, f in zip(parts, first)])
+        real = np.asarray([p[1] for p in parts]) - row * seq  # real tokens from each row's first
+        labels = window[:, 1:].copy()
+        labels[np.arange(1, seq + 1)[None, :] >= real[:, None]] = IGNORE_INDEX
+        if self.record is not None:
+            with self.record.open("a") as fh:
+                fh.write(json.dumps({"step": self.rows // self.global_batch + 1, "rows": rows.tolist(),
+                                     "epoch": epoch.tolist(), "block": sample.tolist(), "row": row.tolist()}) + "\n")
+        self.in_step += batch_size
+        self.rows += (self.in_step // self.per_rank) * self.global_batch
+        self.in_step %= self.per_rank
+        self._prefetch()
+        return {"input_ids": torch.from_numpy(window[:, :-1]), "labels": torch.from_numpy(labels),
+                "doc_start": torch.from_numpy(doc)}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "offset": int(self.offset),
-                "blocks_done": int(self.blocks_done), "row_in_buffer": int(self.row), "rank": self.rank,
-                "world": self.world, "config": dict(self._config)}
+        return {"version": STATE_VERSION, "rows": int(self.rows), "in_step": int(self.in_step), "rank": self.rank,
+                "world": self.world, "global_batch": self.global_batch, "config": dict(self._config)}
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, self._config)
-        if state["rank"] is not None and state["world"] == self.world:
-            if state["rank"] != self.rank:
-                raise ValueError(f"the data state is rank {state['rank']}'s, this loader is rank {self.rank}")
-            self._start_epoch(state["epoch"], offset=state["offset"], blocks_done=state["blocks_done"],
-                              row=state["row_in_buffer"])
-            return
-        # Past the epoch's end, the first buffer load moves on to the next epoch.
-        self._start_epoch(state["epoch"], offset=state["offset"] + state["blocks_done"] * state["world"])
+        if state["in_step"] and (state["world"], state["global_batch"]) != (self.world, self.global_batch):
+            raise _inside_a_step(state)
+        if state["in_step"] and state["rank"] != self.rank:
+            raise ValueError(f"the data state is rank {state['rank']}'s, this loader is rank {self.rank}")
+        self.rows, self.in_step = int(state["rows"]), int(state["in_step"])
+        self._blocks, self._ahead = collections.OrderedDict(), (0, None)
 
     def load_rank_states(self, states: list[dict]) -> None:
-        """Resume from every rank's state of another layout (a checkpoint being resharded): from the least
-        advanced position, so no block is skipped (see the module docstring)."""
+        """Resume from every rank's state of another layout (a checkpoint being resharded)."""
         self.load_state_dict(merge_rank_states(states))
 
+    # ---- shards -----------------------------------------------------------------------------------
+
+    def _block(self, stream_id: int, shard_id: int, index: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """(tokens, real tokens, document-start mask) of one block."""
+        pending = self._pending.pop((stream_id, shard_id), None)
+        if pending is not None:
+            pending.result()  # re-raises what the prefetch found
+        dirname = self._ensure_shard(stream_id, shard_id)
+        try:
+            sample = self._streams[stream_id].reader(shard_id, dirname)[index]
+        except FileNotFoundError:  # another rank of the node evicted it from the cache: fetch it again
+            self._verified.pop((stream_id, shard_id), None)
+            dirname = self._ensure_shard(stream_id, shard_id)
+            sample = self._streams[stream_id].reader(shard_id, dirname)[index]
+        tokens, num_tokens = sample["tokens"], int(sample["num_tokens"])
+        if len(tokens) != self.block_tokens:
+            raise DataCorruptionError(f"a block has {len(tokens)} tokens, the metadata says {self.block_tokens}")
+        doc_starts = np.asarray(sample["doc_starts"], dtype=np.int64)
+        starts = np.zeros(self.block_tokens, dtype=bool)
+        starts[doc_starts[doc_starts < num_tokens]] = True  # a block with no start stores [block_tokens]
+        return tokens, num_tokens, starts
+
+    def _plan(self, count: int) -> tuple[np.ndarray, ...]:
+        """(global row, epoch, block, row in block, stream, shard, sample in shard) of this rank's next
+        `count` rows. The order is worked out PLAN_AHEAD rows at a time and served in slices: its cost is
+        mostly per call, not per row."""
+        k = self.rows // self.global_batch * self.per_rank + self.in_step  # this rank's rows so far
+        start, plan = self._ahead
+        if plan is None or k < start or k + count > start + len(plan[0]):
+            rows = self._global_rows(max(count, PLAN_AHEAD))
+            epoch, sample, row = self.order(rows)
+            plan = (rows, epoch, sample, row, *self._locate(sample))
+            self._ahead, start = (k, plan), k
+        return tuple(column[k - start:k - start + count] for column in plan)
+
+    def upcoming_shards(self, count: int) -> set[tuple[int, int]]:
+        """(stream, shard) of the blocks this rank's next `count` rows are in."""
+        plan = self._plan(count)
+        return set(zip(plan[4].tolist(), plan[5].tolist()))
+
+    def _prefetch(self) -> None:
+        """Fetch in the background the shards of this rank's next `predownload` rows."""
+        if not self.predownload or not any(s.spec.is_remote for s in self._streams):
+            return
+        for key in self.upcoming_shards(self.predownload):
+            if key not in self._verified and key not in self._pending:
+                self._pending[key] = self._executor.submit(self._ensure_shard, *key)
+
+    def _ensure_shard(self, stream_id: int, shard_id: int) -> str:
+        """Make the shard local and checked; returns the directory to read it from. Local raw files are
+        hashed once; a local shard stored only compressed, and every remote one, is fetched, checked,
+        decompressed and written into the cache, by one process per node (a file lock per shard)."""
+        done = self._verified.get((stream_id, shard_id))
+        if done is not None:
+            return done
+        stream = self._streams[stream_id]
+        entry = stream.table.entry(shard_id)
+        raw_info, zip_info = entry["raw_data"], entry.get("zip_data")
+        name = raw_info["basename"]
+        if not stream.spec.is_remote and os.path.isfile(os.path.join(stream.root, name)):
+            dirname = stream.root
+            self._check_file(os.path.join(dirname, name), raw_info, stream)
+        else:
+            if not stream.spec.is_remote and not (zip_info and os.path.isfile(os.path.join(stream.root, zip_info["basename"]))):
+                raise DataCorruptionError(f"shard {name} listed in {stream.spec.path}/{INDEX_FILE} is missing")
+            if not stream.spec.is_remote and stream.unpacked is None:
+                raise ValueError(f"{stream.spec.path} stores shard {name} compressed only: give a cache directory "
+                                 "(data.cache_dir) to decompress it into")
+            dirname = stream.root if stream.spec.is_remote else stream.unpacked
+            raw = os.path.join(dirname, name)
+            os.makedirs(os.path.dirname(raw), exist_ok=True)
+            with open(f"{raw}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    if os.path.isfile(raw):
+                        self._check_file(raw, raw_info, stream, cached=True)
+                        os.utime(raw)  # recently used: evicted last
+                    else:
+                        # Decoded blocks need no file; a shard evicted before its block was read is fetched again.
+                        self.cache.make_room(raw_info["bytes"], keep={raw})
+                        self._fetch_shard(stream, raw_info, zip_info, raw)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        self._verified[(stream_id, shard_id)] = dirname
+        return dirname
+
+    def _fetch_shard(self, stream: _Stream, raw_info: dict, zip_info: dict | None, raw: str) -> None:
+        """The shard's stored form (compressed when there is one) -> checked -> raw file at `raw`, atomically."""
+        from streaming.base.compression import decompress
+
+        info = zip_info or raw_info
+        where = f"shard {info['basename']} of {stream.spec.path}"
+        if stream.spec.is_remote:
+            tmp = _download(stream.spec.path, os.path.dirname(raw), info["basename"])
+            try:
+                data = tmp.read_bytes()
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            data = Path(stream.root, info["basename"]).read_bytes()
+        self._verify(data, info, stream, where)
+        if zip_info:
+            data = decompress(zip_info["basename"].rsplit(".", 1)[-1], data)
+            self._verify(data, raw_info, stream, f"shard {raw_info['basename']} of {stream.spec.path}")
+        part = Path(f"{raw}.{os.getpid()}.part")
+        part.write_bytes(data)
+        os.replace(part, raw)
+
+    def _verify(self, data: bytes, info: dict, stream: _Stream, what: str) -> None:
+        from streaming.base.hashing import get_hash
+
+        algo = stream.algo
+        if len(data) != info["bytes"]:
+            raise DataCorruptionError(f"{what} has {len(data)} bytes where its index says {info['bytes']}: the "
+                                      "file is truncated or corrupt; prepare or upload the data again")
+        if algo and algo in info.get("hashes", {}) and get_hash(algo, data) != info["hashes"][algo]:
+            raise DataCorruptionError(f"{what} does not match the {algo} hash in its index: the data is corrupt")
+
+    def _check_file(self, path: str, info: dict, stream: _Stream, *, cached: bool = False) -> None:
+        try:
+            self._verify(Path(path).read_bytes(), info, stream, f"shard {info['basename']} of {stream.spec.path} ({path})")
+        except DataCorruptionError:
+            if cached:  # a corrupt copy in the cache would fail again; the user's own data stays
+                Path(path).unlink(missing_ok=True)
+            raise
+
     def close(self) -> None:
-        """Stop prefetching and release streaming's shared memory (another loader may reuse the cache)."""
+        """Stop prefetching."""
         if getattr(self, "_executor", None) is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        ds = self.__dict__.pop("_ds", None)
-        if ds is not None:
-            _release(ds)
 
     def __enter__(self) -> StreamingRows:
         return self
@@ -441,16 +571,18 @@ class StreamingRows:
             pass
 
 
-# The config key behind each setting of the data position (block_tokens, num_blocks: the prepared data).
+# The config key behind each setting of the data position (block_tokens, stream_blocks: the prepared data).
 STATE_KEYS = {"streams": "data.path / data.streams", "seed": "train.seed", "seq_len": "train.seq_len",
+              "global_batch": "train.global_batch_size", "lanes": "data.lanes",
               "block_tokens": "the dataset's --block-tokens (prepared again?)", "shuffle": "data.shuffle",
-              "num_canonical_nodes": "num_canonical_nodes", "shuffle_buffer_blocks": "data.shuffle_buffer_blocks",
-              "num_blocks": "the dataset's blocks (data added or prepared again?)"}
+              "shuffle_buffer_blocks": "data.shuffle_buffer_blocks",
+              "stream_blocks": "the dataset's blocks (data added or prepared again?)"}
 
 
 def _check_state(state: dict, config: dict) -> None:
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+        raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}: it was saved by an "
+                         "older loader, whose order differs; start a new run")
     changed = [key for key in config if state["config"].get(key) != config[key]]
     if changed:
         raise ValueError("cannot resume the data position: " + ", ".join(
@@ -458,31 +590,20 @@ def _check_state(state: dict, config: dict) -> None:
             + "; resume with the run's data settings, or start a new run")
 
 
+def _inside_a_step(state: dict) -> ValueError:
+    return ValueError(f"the data state is in the middle of a step (rank {state['rank']} of {state['world']} had "
+                      f"read {state['in_step']} of its rows); only a state taken between steps resumes at another layout")
+
+
 def merge_rank_states(states: list[dict]) -> dict:
-    """One world-independent state from every rank's: the least advanced global position (no skips)."""
+    """One layout-free state from every rank's, taken between steps (as checkpoints are): the global rows
+    of the finished steps, which every rank agrees on."""
     for state in states:
         _check_state(state, states[0]["config"])
-    key = [(s["epoch"], s["offset"] + s["blocks_done"] * s["world"]) for s in states]
-    epoch, position = min(key)
-    return {**states[0], "epoch": epoch, "offset": position, "blocks_done": 0, "row_in_buffer": 0,
-            "rank": None, "world": 1}
-
-
-def _release(ds) -> None:
-    """Free the dataset's shared memory and, when this process is alone on its node, its lock files."""
-    try:
-        ds._locals_shm.buf[:4] = np.int32(0).tobytes()
-    except Exception:
-        pass
-    for holder in (ds._locals_shm, ds._shared_barrier._arr.shm, ds._next_epoch.arr.shm, ds._cache_usage.arr.shm,
-                   ds._shard_states.shm, ds._shard_access_times.shm):
-        holder.cleanup()
-        # Once freed, the names may be taken by another process; streaming's exit hook would unlink them.
-        atexit.unregister(holder.cleanup)
-        holder.created_shms, holder.opened_shms = [], []
-    if ds._unique_rank_world.ranks_per_node == 1:
-        from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-        from streaming.base.shared.prefix import _get_path
-
-        for name in (BARRIER_FILELOCK, CACHE_FILELOCK):
-            Path(gettempdir(), _get_path(ds._shm_prefix_int, name)).unlink(missing_ok=True)
+    inside = [s for s in states if s["in_step"]]
+    if inside:
+        raise _inside_a_step(inside[0])
+    if len({s["rows"] for s in states}) > 1:
+        raise ValueError("the ranks' data states disagree on the rows consumed "
+                         f"({sorted({s['rows'] for s in states})}): the checkpoint is inconsistent")
+    return {**states[0], "in_step": 0, "rank": None, "world": None}

@@ -1,6 +1,8 @@
 """`liquid data prepare`: raw documents -> tokenized blocks (data_pipeline/format.py) -> MDS shards.
 
-One Ray task (or an in-process call) per input file writes <output>/parts/NNNNN; one index.json lists them all.
+Input files are grouped, in input order, into tasks of about `task_mb` MB (plan_tasks); one Ray task (or an
+in-process call) per group packs its files' documents into one token stream, so only the group's last block is
+padded, and writes <output>/parts/NNNNN (NNNNN: the task number); one index.json lists them all.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import format as fmt
+from data_pipeline.shard_table import TABLE_FILES, write_table
 from data_pipeline.sources import SourceStats, expand_inputs, iter_texts
 from data_pipeline.tokenizer import TextTokenizer
 
@@ -26,6 +29,11 @@ INDEX_FILE = "index.json"
 ENCODE_BATCH = 256  # documents per TextTokenizer.encode_batch call
 SKIP_KINDS = ("skipped_invalid_utf8", "skipped_empty")
 SHARD_KEYS = ("raw_data", "zip_data", "raw_meta", "zip_meta")
+# Input MB (2**20 bytes, on disk) per task; see plan_tasks. One padded block per task then costs at most ~0.1%
+# (256 MB of text is ~64M tokens, ~1,000 blocks of 65,537), a task tokenizes in ~100 s on one CPU (so a retry or
+# the slowest task stays short and a cluster's CPUs stay balanced), and a file buffered under --skip-bad-files
+# (below this size) stays well under a GB of tokens.
+TASK_MB = 256
 
 
 class BlockPacker:
@@ -42,7 +50,10 @@ class BlockPacker:
 
     def add(self, ids: list[int]) -> None:
         """One document: its tokens then EOS. It starts in the block where its first token lands."""
-        doc = np.asarray(ids + [self.eos_id], dtype=self.buf.dtype)
+        self.add_doc(np.asarray(ids + [self.eos_id], dtype=self.buf.dtype))
+
+    def add_doc(self, doc: np.ndarray) -> None:
+        """One document's tokens, already ending in EOS."""
         self.starts.append(self.fill)  # fill < block_tokens: a full block is emitted at once
         pos = 0
         while pos < len(doc):
@@ -91,13 +102,83 @@ def _input_texts(path, text_field: str, stats: SourceStats):
         raise BadInput(str(err)) from None
 
 
-def prepare_file(index: int, path: str, output: str, tokenizer: str, *, eos_token: str | None = None,
-                 text_field: str = "text", block_tokens: int = fmt.BLOCK_TOKENS, compression: str | None = "zstd",
-                 hashes=("sha1",), size_limit="64mb", on_batch=None, skip_bad: bool = False) -> dict:
-    """Input file number `index` -> shards in <output>/parts/{index:05d}; returns its stats and part index.
-    skip_bad: a file that cannot be read leaves no shards and is reported in the result ("bad_input")
-    instead of stopping the run (a remote output may keep the objects uploaded before the error; the
-    index never refers to them)."""
+def plan_tasks(sizes: list[int], target_bytes: int) -> list[list[int]]:
+    """Input files (their sizes in bytes, in input order) -> tasks: lists of consecutive file numbers.
+
+    Files join the open task, in input order, until it holds at least `target_bytes`; a file of
+    `target_bytes` or more is a task of its own, so every file of a task of several is smaller than the
+    target. Only the sizes decide: the same inputs give the same tasks, with Ray or without. 0: one task per file.
+    """
+    tasks, group, held = [], [], 0
+    for i, size in enumerate(sizes):
+        if size >= target_bytes:
+            if group:
+                tasks.append(group)
+                group, held = [], 0
+            tasks.append([i])
+            continue
+        group.append(i)
+        held += size
+        if held >= target_bytes:
+            tasks.append(group)
+            group, held = [], 0
+    if group:
+        tasks.append(group)
+    return tasks
+
+
+def _file_stats(index: int, task: int, path, stats: SourceStats, tokens: int, start: float) -> dict:
+    return {"index": index, "task": task, "path": str(path), "documents": stats.documents, "tokens": tokens,
+            "bytes_in": stats.bytes, "skipped": {k: getattr(stats, k) for k in SKIP_KINDS},
+            "skipped_where": stats.skipped_where, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _pack_file(index: int, task: int, path: str, tok: TextTokenizer, packer: BlockPacker, text_field: str, *,
+               whole: bool, on_progress) -> dict:
+    """Input file number `index` -> its documents into `packer`; returns the file's stats.
+
+    whole: tokenize the whole file before any of it goes into the packer, so a file that cannot be read
+    adds nothing and the error comes back in the stats ("bad_input"); memory: the file's tokens (the dataset's
+    dtype). Else documents go in as they are read, and BadInput is raised."""
+    start, stats, tokens, seen = time.perf_counter(), SourceStats(), 0, (0, 0, 0)
+    held: list[tuple[np.ndarray, np.ndarray]] = []  # whole: (tokens of a batch's documents, where each ends)
+    try:
+        for batch in _batches(_input_texts(path, text_field, stats), ENCODE_BATCH):
+            docs = [np.asarray(ids + [tok.eos_id], dtype=packer.buf.dtype) for ids in tok.encode_batch(batch)]
+            tokens += sum(len(d) for d in docs)
+            if whole:
+                held.append((np.concatenate(docs), np.cumsum([len(d) for d in docs])[:-1]))
+            else:
+                for doc in docs:
+                    packer.add_doc(doc)
+            if on_progress is not None:
+                now = (stats.documents, tokens, stats.bytes)
+                on_progress(*(a - b for a, b in zip(now, seen)))
+                seen = now
+    except BadInput as err:
+        if on_progress is not None:
+            on_progress(*(-n for n in seen))  # its documents are not in the dataset after all
+        if not whole:
+            raise
+        return {**_file_stats(index, task, path, SourceStats(), 0, start), "bad_input": str(err)}
+    for flat, ends in held:
+        for doc in np.split(flat, ends):
+            packer.add_doc(doc)
+    return _file_stats(index, task, path, stats, tokens, start)
+
+
+def prepare_task(index: int, paths: list[str], output: str, tokenizer: str, *, first: int = 0,
+                 eos_token: str | None = None, text_field: str = "text", block_tokens: int = fmt.BLOCK_TOKENS,
+                 compression: str | None = "zstd", hashes=("sha1",), size_limit="64mb", on_progress=None,
+                 skip_bad: bool = False) -> dict:
+    """Task number `index`: input files `paths` (input numbers first, first + 1, ...) -> one token stream in
+    blocks (only the last one padded) -> shards in <output>/parts/{index:05d}; returns the task's stats, each
+    file's stats ("files") and the part index.
+    skip_bad: a file that cannot be read adds no documents and is reported in its stats ("bad_input")
+    instead of stopping the run. In a task of several files each file is tokenized whole before it is packed
+    (those files are small: see plan_tasks), so the others keep all their documents; a task of one file then
+    leaves no shards (a remote output may keep the objects uploaded before the error; the index never refers
+    to them). on_progress(documents, tokens, bytes, files): called as documents are read and files finish."""
     from streaming import MDSWriter
 
     start = time.perf_counter()
@@ -109,40 +190,41 @@ def prepare_file(index: int, path: str, output: str, tokenizer: str, *, eos_toke
                        exist_ok=True)  # exist_ok: a retried task starts its part afresh
     fill_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     packer = BlockPacker(block_tokens, fmt.token_dtype(tok.vocab_size), tok.eos_id, fill_id, writer.write)
-    stats = SourceStats()
+    whole = skip_bad and len(paths) > 1
+    files = []
     try:
-        seen = (0, 0, 0)
-        for batch in _batches(_input_texts(path, text_field, stats), ENCODE_BATCH):
-            for ids in tok.encode_batch(batch):
-                packer.add(ids)
-            if on_batch is not None:
-                now = (stats.documents, packer.tokens, stats.bytes)
-                on_batch(*(a - b for a, b in zip(now, seen)))
-                seen = now
+        for number, path in enumerate(paths, start=first):
+            files.append(_pack_file(number, index, path, tok, packer, text_field, whole=whole,
+                                    on_progress=on_progress))
+            if on_progress is not None:
+                on_progress(0, 0, 0, 1)
         packer.finish()
         writer.finish()
-    except BadInput as err:
+    except BadInput as err:  # a task of one file, or not skip_bad
         writer.cancel_future_jobs()
         if not skip_bad:
             raise
         if not _is_remote(output):
             shutil.rmtree(part, ignore_errors=True)
-        return {"index": index, "path": str(path), "documents": 0, "tokens": 0, "blocks": 0, "bytes_in": 0,
-                "shards": 0, "bytes_written": 0, "skipped": {k: 0 for k in SKIP_KINDS}, "skipped_where": [],
-                "seconds": round(time.perf_counter() - start, 3), "part_index": {"version": 2, "shards": []},
-                "bad_input": str(err)}
+        if on_progress is not None:
+            on_progress(0, 0, 0, 1)
+        files = [{**_file_stats(first, index, paths[0], SourceStats(), 0, start), "bad_input": str(err)}]
+        return _task_stats(index, files, 0, [], start)
     except BaseException:
         writer.cancel_future_jobs()
         raise
     finally:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
-    part_index = {"version": 2, "shards": writer.shards}
-    return {"index": index, "path": str(path), "documents": stats.documents, "tokens": packer.tokens,
-            "blocks": packer.blocks, "bytes_in": stats.bytes, "shards": len(writer.shards),
-            "bytes_written": sum(_shard_file(s)["bytes"] for s in writer.shards),
-            "skipped": {k: getattr(stats, k) for k in SKIP_KINDS}, "skipped_where": stats.skipped_where,
-            "seconds": round(time.perf_counter() - start, 3), "part_index": part_index}
+    return _task_stats(index, files, packer.blocks, writer.shards, start)
+
+
+def _task_stats(index: int, files: list[dict], blocks: int, shards: list[dict], start: float) -> dict:
+    return {"index": index, "part": f"{PARTS_DIR}/{index:05d}", "inputs": [f["index"] for f in files],
+            **{k: sum(f[k] for f in files) for k in ("documents", "tokens", "bytes_in")}, "blocks": blocks,
+            "shards": len(shards), "bytes_written": sum(_shard_file(s)["bytes"] for s in shards),
+            "seconds": round(time.perf_counter() - start, 3), "files": files,
+            "part_index": {"version": 2, "shards": shards}}
 
 
 def _shard_file(shard: dict) -> dict:
@@ -194,16 +276,12 @@ class Progress:
 
 
 def _run_in_process(jobs: list[dict], progress: Progress) -> list[dict]:
-    results = []
-    for job in jobs:
-        results.append(prepare_file(**job, on_batch=progress.add))
-        progress.add(0, 0, 0, files=1)
-    return results
+    return [prepare_task(**job, on_progress=progress.add) for job in jobs]
 
 
 def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, progress: Progress) -> list[dict]:
-    """One Ray task per file, at most `num_tasks` in flight (default: twice the cluster's CPUs); reuses an
-    initialised Ray, stops only its own."""
+    """One Ray task per job (a group of input files), at most `num_tasks` in flight (default: twice the
+    cluster's CPUs); reuses an initialised Ray, stops only its own."""
     import logging
 
     import ray
@@ -211,9 +289,9 @@ def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, pro
     started = not ray.is_initialized()
     if started:
         ray.init(**{**ray_init, "include_dashboard": False}, logging_level=logging.WARNING)
-    task = ray.remote(num_cpus=1)(prepare_file)
-    # In flight: enough to keep every CPU of the cluster busy, not every file at once (a corpus of 100K files
-    # would hold 100K task refs and make each ray.wait scan them all: quadratic in the number of files).
+    task = ray.remote(num_cpus=1)(prepare_task)
+    # In flight: enough to keep every CPU of the cluster busy, not every task at once (a corpus of 100K tasks
+    # would hold 100K task refs and make each ray.wait scan them all: quadratic in the number of tasks).
     limit = num_tasks or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     queue, pending, results = collections.deque(jobs), {}, []
     try:
@@ -226,7 +304,7 @@ def _run_ray(jobs: list[dict], ray_init: dict | None, num_tasks: int | None, pro
                 pending.pop(ref)
                 res = ray.get(ref)
                 results.append(res)
-                progress.add(res["documents"], res["tokens"], res["bytes_in"], files=1)
+                progress.add(res["documents"], res["tokens"], res["bytes_in"], files=len(res["files"]))
     except ray.exceptions.RayTaskError as err:
         for ref in pending:
             ray.cancel(ref)
@@ -247,13 +325,15 @@ def _check_ray(use_ray: bool, ray_init: dict | None) -> None:
                              "cluster.safety.ray_init_kwargs(address)) or use_ray=False")
 
 
-def _check_args(block_tokens: int, compression, hashes, size_limit, tok: TextTokenizer) -> None:
+def _check_args(block_tokens: int, compression, hashes, size_limit, task_mb: float, tok: TextTokenizer) -> None:
     from streaming.base.compression import get_compressions, is_compression
     from streaming.base.hashing import get_hashes, is_hash
     from streaming.base.util import bytes_to_int
 
     if not 2 <= block_tokens < 2**31:
         raise ValueError(f"--block-tokens {block_tokens}: a block needs at least 2 tokens (and fewer than 2**31)")
+    if not task_mb >= 0:
+        raise ValueError(f"--task-mb {task_mb}: expected input MB per task, 0 or more (0: one task per input file)")
     if tok.padded_vocab_size > 2**32:
         raise ValueError(f"{tok.path}: padded vocabulary {tok.padded_vocab_size} does not fit uint32 token ids")
     if compression is not None and not is_compression(compression):
@@ -283,13 +363,14 @@ def _prepare_output(output: str, overwrite: bool) -> None:
         raise ValueError(f"{output} already holds a dataset ({INDEX_FILE}); choose another output or pass --overwrite (overwrite=True)")
     if not _is_remote(output):
         shutil.rmtree(Path(output) / PARTS_DIR, ignore_errors=True)
-        for name in (INDEX_FILE, fmt.META_FILE, fmt.SUMMARY_FILE):
+        for name in (INDEX_FILE, fmt.META_FILE, fmt.SUMMARY_FILE, *TABLE_FILES):
             (Path(output) / name).unlink(missing_ok=True)
 
 
 def _publish(output: str, index: dict, meta: dict, summary: dict, tokenizer: Path) -> None:
-    """Metadata, summary and the tokenizer first, index.json last: a dataset with an index is complete.
-    The tokenizer travels with the shards, so a run on them can export and evaluate with it."""
+    """Metadata, summary, the tokenizer and the shard table (data_pipeline/shard_table.py) first, index.json
+    last: a dataset with an index is complete. The tokenizer travels with the shards, so a run on them can
+    export and evaluate with it; the table lets the loader open the dataset without parsing index.json."""
     from streaming.base.storage.upload import CloudUploader
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,48 +380,57 @@ def _publish(output: str, index: dict, meta: dict, summary: dict, tokenizer: Pat
         fmt.write_meta(stage, meta)
         (stage / fmt.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
         shutil.copyfile(tokenizer, stage / fmt.TOKENIZER_FILE)
-        (stage / f".{INDEX_FILE}.tmp").write_text(json.dumps(index, sort_keys=True))
+        text = json.dumps(index, sort_keys=True)
+        tables = write_table(stage, index["shards"], index_bytes=len(text.encode()))
+        (stage / f".{INDEX_FILE}.tmp").write_text(text)
         os.replace(stage / f".{INDEX_FILE}.tmp", stage / INDEX_FILE)
-        for name in (fmt.META_FILE, fmt.SUMMARY_FILE, fmt.TOKENIZER_FILE, INDEX_FILE) if uploader else ():
+        for name in (fmt.META_FILE, fmt.SUMMARY_FILE, fmt.TOKENIZER_FILE, *tables, INDEX_FILE) if uploader else ():
             uploader.upload_file(name)
 
 
-def _skip_report(results: list[dict]) -> tuple[dict, list[str]]:
-    skipped = {k.removeprefix("skipped_"): sum(r["skipped"][k] for r in results) for k in SKIP_KINDS}
-    where = [w for r in results for w in r["skipped_where"]][:20]
+def _skip_report(files: list[dict]) -> tuple[dict, list[str]]:
+    skipped = {k.removeprefix("skipped_"): sum(f["skipped"][k] for f in files) for k in SKIP_KINDS}
+    where = [w for f in files for w in f["skipped_where"]][:20]
     return skipped, where
 
 
 PADDING_WARNING = 0.10  # summary_line points out a padding fraction above this
 
 
-def _summarize(results: list[dict], output: str, seconds: float, block_tokens: int) -> dict:
-    skipped, where = _skip_report(results)
+def _summarize(results: list[dict], output: str, seconds: float, block_tokens: int, task_mb: float) -> dict:
+    """The run's totals; "files": each input file's documents, tokens, bytes and skips (and "task", the part it
+    went to); "tasks": each task's input file numbers ("inputs"), blocks, shards and bytes written."""
+    files = [f for r in results for f in r["files"]]
+    skipped, where = _skip_report(files)
     keys = ("documents", "tokens", "blocks", "shards", "bytes_in", "bytes_written")
-    total = {k: sum(r[k] for r in results) for k in keys}
-    files = [{k: v for k, v in r.items() if k != "part_index"} for r in results]
+    total = {k: sum(r[k] for r in results) for k in keys}  # a task's documents, tokens, bytes_in: its files'
+    tasks = [{k: v for k, v in r.items() if k not in ("files", "part_index")} for r in results]
     seconds = max(seconds, 1e-6)
-    # Each input file ends in a block of its own: many small files make mostly padding.
+    # Each task ends in a padded block of its own: many small tasks make mostly padding.
     padding = 1 - total["tokens"] / max(total["blocks"] * block_tokens, 1)
     return {"output": output, **total, "padding_fraction": round(max(padding, 0.0), 4), "seconds": round(seconds, 3),
             "tokens_per_s": round(total["tokens"] / seconds, 1),
             "mb_per_s": round(total["bytes_in"] / seconds / 1e6, 3), "skipped": skipped, "skipped_where": where,
-            "num_inputs": len(results), "inputs": [r["path"] for r in results], "files": files,
-            "bad_inputs": [r["bad_input"] for r in results if "bad_input" in r]}
+            "num_inputs": len(files), "inputs": [f["path"] for f in files], "files": files,
+            "num_tasks": len(tasks), "task_mb": task_mb, "block_tokens": block_tokens, "tasks": tasks,
+            "bad_inputs": [f["bad_input"] for f in files if "bad_input" in f]}
 
 
 def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str = "text",
             block_tokens: int = fmt.BLOCK_TOKENS, compression: str | None = "zstd", hashes=("sha1",),
             ray_init: dict | None = None, num_tasks: int | None = None, progress: bool = True,
             size_limit="64mb", overwrite: bool = False, use_ray: bool = True, eos_token: str | None = None,
-            skip_bad: bool = False) -> dict:
+            skip_bad: bool = False, task_mb: float = TASK_MB) -> dict:
     """Tokenize `inputs` into MDS shards under `output` (a directory or a remote URL); returns the summary.
     skip_bad: input files that cannot be read are left out and listed in the summary ("bad_inputs")
     instead of stopping the run.
 
-    use_ray: one Ray task per file, on the Ray this process runs, else one started with `ray_init` (the
+    task_mb: input files are grouped, in input order, into tasks of at least this many MB (2**20 bytes on
+    disk; a larger file is a task of its own, 0 makes every file one); a task's files share one token stream,
+    so only its last block is padded (plan_tasks, prepare_task).
+    use_ray: one Ray task per group, on the Ray this process runs, else one started with `ray_init` (the
     `ray.init` arguments; `liquid data prepare` passes cluster.safety.ray_init_kwargs(--ray-address)) and
-    stopped at the end. use_ray=False runs every file in this process. num_tasks: most Ray tasks in flight
+    stopped at the end. use_ray=False runs every task in this process. num_tasks: most Ray tasks in flight
     (default twice the cluster's CPUs).
     Same inputs and tokenizer -> byte-identical shards and index.json, with Ray or without.
     """
@@ -348,29 +438,31 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
     compression = None if compression in (None, "", "none") else compression
     hashes = list(hashes or ())
     tok = TextTokenizer(tokenizer, eos_token=eos_token)
-    _check_args(block_tokens, compression, hashes, size_limit, tok)
+    _check_args(block_tokens, compression, hashes, size_limit, task_mb, tok)
     _check_ray(use_ray, ray_init)
     files = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
     output = str(output).removeprefix("file://")
     output = output.rstrip("/") if _is_remote(output) else str(Path(output).resolve())
     _prepare_output(output, overwrite)
-    jobs = [dict(index=i, path=str(p.resolve()), output=output, tokenizer=str(tok.path.resolve()),
-                 eos_token=eos_token, text_field=text_field, block_tokens=block_tokens, compression=compression,
-                 hashes=hashes, size_limit=size_limit, skip_bad=skip_bad) for i, p in enumerate(files)]
-    bar = Progress(progress, len(jobs))
+    tasks = plan_tasks([p.stat().st_size for p in files], int(task_mb * 2**20))
+    jobs = [dict(index=t, paths=[str(files[i].resolve()) for i in group], first=group[0], output=output,
+                 tokenizer=str(tok.path.resolve()), eos_token=eos_token, text_field=text_field,
+                 block_tokens=block_tokens, compression=compression, hashes=hashes, size_limit=size_limit,
+                 skip_bad=skip_bad) for t, group in enumerate(tasks)]
+    bar = Progress(progress, len(files))
     if not use_ray:
         results = _run_in_process(jobs, bar)
     else:
         results = _run_ray(jobs, ray_init, num_tasks, bar)
     if sum(r["documents"] for r in results) == 0:
         _fail_empty(results, output)
-    summary = _summarize(results, output, time.perf_counter() - start, block_tokens)
-    index = merge_parts([(f"{PARTS_DIR}/{r['index']:05d}", r["part_index"]) for r in results])
+    summary = _summarize(results, output, time.perf_counter() - start, block_tokens, task_mb)
+    index = merge_parts([(r["part"], r["part_index"]) for r in results])
     meta = {"block_tokens": block_tokens, "dtype": fmt.token_dtype(tok.vocab_size), "vocab_size": tok.vocab_size,
             "padded_vocab_size": tok.padded_vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
             "pad_id": tok.pad_id if tok.pad_id is not None else tok.eos_id, "tokenizer_sha256": tok.sha256,
             "documents": summary["documents"], "tokens": summary["tokens"], "blocks": summary["blocks"],
-            "num_inputs": len(results), "text_field": text_field, "compression": compression, "hashes": hashes}
+            "num_inputs": len(files), "text_field": text_field, "compression": compression, "hashes": hashes}
     _publish(output, index, meta, summary, tok.path)
     bar.close(f"done in {summary['seconds']:.1f}s: {summary['blocks']:,} blocks, {summary['shards']:,} shards, "
               f"{summary['bytes_written'] / 1e6:.1f} MB -> {output}")
@@ -378,12 +470,13 @@ def prepare(inputs: list[str], output: str, tokenizer: str, *, text_field: str =
 
 
 def _fail_empty(results: list[dict], output: str) -> None:
-    skipped, where = _skip_report(results)
+    files = [f for r in results for f in r["files"]]
+    skipped, where = _skip_report(files)
     if not _is_remote(output):
         shutil.rmtree(Path(output) / PARTS_DIR, ignore_errors=True)
     kinds = ", ".join(f"{k}: {n}" for k, n in skipped.items())
-    bad = [r["bad_input"] for r in results if "bad_input" in r]
-    raise ValueError(f"no documents in {len(results)} input file(s): {sum(skipped.values())} records skipped "
+    bad = [f["bad_input"] for f in files if "bad_input" in f]
+    raise ValueError(f"no documents in {len(files)} input file(s): {sum(skipped.values())} records skipped "
                      f"({kinds})" + (f"; first: {', '.join(where[:3])}" if where else "")
                      + (f"; {len(bad)} file(s) cannot be read: {'; '.join(bad[:3])}" if bad else ""))
 
@@ -409,8 +502,13 @@ def _padding_note(summary: dict) -> str:
     fraction = summary.get("padding_fraction", 0.0)
     if fraction <= PADDING_WARNING:
         return ""
-    return (f"\nwarning: {fraction:.0%} of the blocks' tokens are padding (each of the {summary['num_inputs']} "
-            "input files ends in a block of its own; join small files into larger ones, or lower --block-tokens)")
+    tasks = summary.get("num_tasks", summary["num_inputs"])
+    if tasks == 1:
+        why = "the data fills few blocks and ends in a padded one; lower --block-tokens"
+    else:
+        why = (f"each of the {tasks} tasks ends in a padded block; raise --task-mb (input MB grouped into a task, "
+               f"now {summary.get('task_mb', 0):g}), join small files into larger ones, or lower --block-tokens")
+    return f"\nwarning: {fraction:.0%} of the blocks' tokens are padding ({why})"
 
 
 def verify_shards(root: str | Path) -> list[str]:

@@ -19,12 +19,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_and_count(value: torch.Tensor, flag: bool, group) -> torch.Tensor:
-    """[mean of a scalar over `group`, number of ranks that raised `flag`] in one all_reduce, left on the
+def sum_over(value: torch.Tensor, group) -> torch.Tensor:
+    """The sum of a tensor over `group` in one all_reduce, left on the device (a copy: `value` itself is
+    not changed; the value itself when group is None or of one rank)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def sum_and_count(value: torch.Tensor, flag: bool, group) -> torch.Tensor:
+    """[sum of a scalar over `group`, number of ranks that raised `flag`] in one all_reduce, left on the
     device (the caller reads it back with whatever else it needs in the same host read)."""
     both = torch.stack([value.detach().to(torch.float32).reshape(()),
                         torch.tensor(float(flag), device=value.device)])
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return both
-    dist.all_reduce(both, group=group)
-    return both / torch.tensor([dist.get_world_size(group), 1.0], device=both.device)
+    return sum_over(both, group)

@@ -24,7 +24,8 @@ b = micro-batch rows, cp = CP group size, s = sequence length per rank):
 
 Every gather is differentiable: its backward reduce-scatters (sums) the gradients of the gathered
 pieces back to the ranks that own them, so the CP ranks' losses must add up to the full-sequence loss
-and their parameter gradients must be summed over the group (see `context_parallel_loss`). Every CP
+and their parameter gradients must be summed over the group (see `context_parallel_loss`; the training
+step weighs tokens over the whole global batch the same way, pretrain/train/step.py). Every CP
 rank runs forward and backward of every micro-batch: the collectives pair up in graph order.
 """
 from __future__ import annotations
@@ -229,31 +230,23 @@ def split_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
 
 
 def context_parallel_loss(output, labels: torch.Tensor, cp_group) -> torch.Tensor:
-    """This rank's share of the full-sequence loss: (sum of its token losses) / (tokens with a label over
-    the CP group) + aux / cp. The shares add up to the single-process loss over the whole rows, so the
-    parameter gradients must be SUMMED over the CP group. `labels` is this rank's slice."""
-    return context_parallel_losses(output, labels, cp_group)[0]
+    """This rank's share of one micro-batch's full-sequence loss: (sum of its token losses) / (tokens with
+    a label over the CP group) + aux / cp (one all_reduce of the label count). The shares add up to the
+    single-process loss over the whole rows, so the parameter gradients must be SUMMED over the CP group.
+    `labels` is this rank's slice. A slice without labels adds 0 to the sum, never NaN.
 
-
-def context_parallel_losses(output, labels: torch.Tensor, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's share of the loss, as `context_parallel_loss`; the language-model loss to report, no
-    gradient: cp x its share, so that the mean over the CP ranks is the row's token-weighted loss, where
-    a plain mean of the slices' own means is NaN for a slice without labels and unweighted otherwise).
-    One all_reduce of the label count for both."""
+    Training does not call this: `pretrain.train.step` weighs the tokens over the whole global batch with
+    one label-count all_reduce per step (the same shares, with the step's count in the denominator)."""
     group = _resolve_group(cp_group)
     if group is None or dist.get_world_size(group) == 1:
-        return output.loss, output.lm_loss.detach()
+        return output.loss
     if output.mtp_loss is not None:
         raise ValueError("multi-token prediction is not supported with context parallelism")
-    size = dist.get_world_size(group)
-    num_local = (labels != IGNORE_INDEX).sum()
-    num_global = num_local.clone()
+    num_global = (labels != IGNORE_INDEX).sum()
     dist.all_reduce(num_global, group=group)
-    # A slice without labels has lm_loss = NaN (0/0); where() keeps it out of the value and the gradient.
-    share = torch.where(num_local > 0, output.lm_loss, 0.0) * num_local / num_global.clamp_min(1)
-    return share + output.aux_loss / size, share.detach() * size
+    return output.lm_loss_sum / num_global.clamp_min(1) + output.aux_loss / dist.get_world_size(group)
 
 
-__all__ = ["apply_context_parallel", "split_for_context_parallel", "context_parallel_loss", "context_parallel_losses",
+__all__ = ["apply_context_parallel", "split_for_context_parallel", "context_parallel_loss",
            "context_parallel_scan", "context_parallel_halo", "context_parallel_layout", "context_parallel_kv",
            "all_gather", "carry_gains", "carried_states"]

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel.faults import fault_point
 from pretrain.model.ffn import MoE, Experts
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
@@ -60,6 +61,7 @@ class ExpertParallelExperts(nn.Module):
         """x_sorted [tokens, d] grouped by global expert; counts [E] -> [tokens, d] aligned with x_sorted."""
         counts = torch.as_tensor(counts, device=x_sorted.device).long()
         send, recv, recv_counts = self.routing(counts, rows=x_sorted.shape[0])
+        fault_point("all_to_all")  # the chaos soak's kill while the peers wait in the exchange (parallel/faults.py)
         x_recv = all_to_all_rows(x_sorted, out_splits=recv, in_splits=send, group=self.group)
         # Rows arrive grouped by (source rank, local expert); the experts want them grouped by local expert.
         order = _order_by_local_expert(recv_counts, total=sum(recv))

@@ -96,13 +96,14 @@ def _cmd_prepare(args) -> int:
     ray_init = None if args.no_ray else ray_init_kwargs(args.ray_address)
     summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
                       block_tokens=args.block_tokens, ray_init=ray_init, use_ray=not args.no_ray,
-                      overwrite=args.overwrite, skip_bad=args.skip_bad_files)
+                      overwrite=args.overwrite, skip_bad=args.skip_bad_files, task_mb=args.task_mb)
     print(summary_line(summary))
     return 0
 
 
 def _add_data_parsers(sub) -> None:
     from data_pipeline.format import BLOCK_TOKENS
+    from data_pipeline.prepare import TASK_MB
 
     data = sub.add_parser("data", help="tokenizer training and shard preparation")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -124,6 +125,9 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
     p.add_argument("--no-ray", action="store_true", help="run in this process (small inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.add_argument("--task-mb", type=float, default=TASK_MB,
+                   help=f"input MB per task (default {TASK_MB:g}): a task's files share blocks, so only its last "
+                        "block is padded; a larger file is a task of its own; 0: one task per file")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="leave out input files that cannot be read (corrupt, invalid JSON) and list them in the "
                         "summary, instead of stopping")
@@ -240,11 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_parsers(sub) -> None:
-    """Subcommands defined beside their code: cluster jobs (submit, status, logs, stop, jobs) and monitor."""
+    """Subcommands defined beside their code: cluster jobs (submit, status, logs, stop, jobs), monitor and chaos."""
     import importlib
     import importlib.util
 
-    for module, function in (("cluster.jobs", "add_job_parsers"), ("cluster.monitor", "add_monitor_parser")):
+    for module, function in (("cluster.jobs", "add_job_parsers"), ("cluster.monitor", "add_monitor_parser"),
+                             ("cluster.chaos", "add_chaos_parser")):
         if importlib.util.find_spec(module) is not None:
             getattr(importlib.import_module(module), function)(sub)
 

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +98,12 @@ class DataConfig:
     path: Optional[str] = None  # prepared shards (directory or URL); None = the embedded corpus
     streams: list[StreamConfig] = field(default_factory=list)  # several datasets mixed by proportion
     cache_dir: str = "~/.cache/liquid-pretrain/streaming"  # local copies of remote shards
+    cache_limit_gb: Optional[float] = None  # most GiB of shards kept there (None: 80% of the free disk)
     shuffle: bool = True
     shuffle_buffer_blocks: int = 8  # rows of this many blocks are shuffled together
+    lanes: Optional[int] = None  # runs of each step's rows read from their own shards (None: up to 64, dividing the global batch)
     validate_hash: bool = True
+    record_rows: bool = False  # each reading rank appends the rows of every micro-batch to RUN_DIR/rows/rankR.jsonl
     # The embedded corpus (used when neither path nor streams is set):
     corpus_max_mb: float = 8.0
     tokenizer: Optional[str] = None  # an existing tokenizer.json; None = train one on the corpus
@@ -166,6 +170,12 @@ class ClusterConfig:
     max_failures: int = 3  # Ray restarts the worker group this often, resuming from the newest checkpoint
     collective_timeout_s: float = 600.0  # a collective that waits longer fails the worker (a hung peer)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement group)
+    # Elastic training (cluster/launch.py; Ray only). None: the job always runs num_workers workers. Else it
+    # runs at the largest allowed size the cluster holds, from min_workers up to num_workers (the full size):
+    # a lost node shrinks it (resuming from the newest checkpoint), returning capacity grows it back.
+    min_workers: Optional[int] = None
+    resize_check_s: float = 30.0  # how often a job below its full size checks whether more workers fit
+    capacity_timeout_s: float = 600.0  # how long to wait for min_workers to fit before the job fails
 
 
 @dataclass(frozen=True)
@@ -307,6 +317,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.cluster.launcher in ("auto", "ray", "local"), "cluster.launcher", "must be auto, ray or local")
     _require(cfg.cluster.launcher != "local" or world == 1, "cluster.launcher",
              f"local runs one process; {world} ranks need cluster.launcher=ray (or auto)")
+    _validate_elastic(cfg)
     d = cfg.data
     _require(not (d.path and d.streams), "data.streams", "set data.path or data.streams, not both")
     for i, s in enumerate(d.streams):
@@ -315,6 +326,61 @@ def validate(cfg: Config) -> None:
     _require(len({s.proportion is None for s in d.streams}) <= 1, "data.streams",
              "give every stream a proportion, or none")
     _require(d.shuffle_buffer_blocks >= 1, "data.shuffle_buffer_blocks", "must be >= 1")
+    _require(d.cache_limit_gb is None or d.cache_limit_gb > 0, "data.cache_limit_gb", "must be > 0")
+    _require(d.lanes is None or (d.lanes >= 1 and t.global_batch_size % d.lanes == 0), "data.lanes",
+             f"must be >= 1 and divide train.global_batch_size ({t.global_batch_size}), got {d.lanes}")
+
+
+def elastic_unit(parallel: ParallelConfig) -> int:
+    """Worker counts of an elastic job are multiples of this: lcm(parallel.ep, parallel.cp), so that every
+    size holds whole context-parallel groups (dp = workers / cp) and whole expert-parallel groups (ep must
+    divide dp x cp, the rule `validate` applies to any layout)."""
+    return math.lcm(parallel.ep, parallel.cp)
+
+
+def keeps_global_batch(cfg: Config, workers: int) -> bool:
+    """Whether `workers` workers (dp = workers / parallel.cp) keep train.global_batch_size with whole micro-batches
+    (gradient accumulation = global_batch_size / (micro_batch_size x dp))."""
+    dp = workers // cfg.parallel.cp
+    return workers % cfg.parallel.cp == 0 and cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0
+
+
+def elastic_sizes(cfg: Config) -> list[int]:
+    """The worker counts an elastic job may run at, ascending: multiples of `elastic_unit` from
+    cluster.min_workers to cluster.num_workers that keep the global batch (others in between are skipped).
+    [num_workers] when the job is not elastic."""
+    c = cfg.cluster
+    if c.min_workers is None:
+        return [c.num_workers]
+    unit = elastic_unit(cfg.parallel)
+    return [n for n in range(c.min_workers, c.num_workers + 1) if n % unit == 0 and keeps_global_batch(cfg, n)]
+
+
+def _validate_elastic(cfg: Config) -> None:
+    c, p, t = cfg.cluster, cfg.parallel, cfg.train
+    _require(c.resize_check_s > 0, "cluster.resize_check_s", f"must be > 0, got {c.resize_check_s}")
+    _require(c.capacity_timeout_s > 0, "cluster.capacity_timeout_s", f"must be > 0, got {c.capacity_timeout_s}")
+    if c.min_workers is None:
+        return
+    m = c.min_workers
+    _require(m >= 1, "cluster.min_workers", f"must be >= 1 (or null: not elastic), got {m}")
+    _require(m <= c.num_workers, "cluster.min_workers",
+             f"cluster.min_workers={m} is more than cluster.num_workers={c.num_workers} (the full size)")
+    _require(c.launcher != "local", "cluster.min_workers",
+             "elastic training resizes a Ray worker group; it needs cluster.launcher=ray (or auto)")
+    unit = elastic_unit(p)
+    _require(m % unit == 0, "cluster.min_workers",
+             f"cluster.min_workers={m} cannot hold whole expert-parallel and context-parallel groups: it must be "
+             f"a multiple of parallel.ep={p.ep} and parallel.cp={p.cp}, i.e. of {unit}")
+    if not keeps_global_batch(cfg, m):
+        good = elastic_sizes(dataclasses.replace(cfg, cluster=dataclasses.replace(c, min_workers=unit)))
+        dp = m // p.cp
+        _require(False, "cluster.min_workers",
+                 f"at cluster.min_workers={m} workers (dp = {m} / parallel.cp = {dp}) train.global_batch_size="
+                 f"{t.global_batch_size} is not a multiple of train.micro_batch_size x dp = "
+                 f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}, so the global batch cannot be kept; "
+                 f"sizes up to cluster.num_workers={c.num_workers} that keep it: {', '.join(map(str, good))} "
+                 "(raise cluster.min_workers, or change train.global_batch_size or train.micro_batch_size)")
 
 
 def config_from_yaml(text: str) -> Config:

@@ -23,6 +23,7 @@ EXPORT = "export"                 # Hugging Face weights of the final checkpoint
 TENSORBOARD = "tensorboard"       # TensorBoard event files (rank 0)
 RAY = "ray"                       # Ray Train's storage_path
 STOP = "STOP"                     # present while a stop is requested
+RESIZES = "resizes.jsonl"         # one record per resize of an elastic job (the driver)
 
 
 def fsync_dir(path: Path) -> None:
@@ -175,5 +176,72 @@ class RunDir:
     def stop_requested(self) -> bool:
         return self.stop_file.exists()
 
+    def stop_reason(self) -> str:
+        """The reason of the pending stop request ("" when there is none or it cannot be read)."""
+        try:
+            return str(json.loads(self.stop_file.read_text()).get("reason", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
     def clear_stop(self) -> None:
         self.stop_file.unlink(missing_ok=True)
+
+    # ---- elastic resizes ---------------------------------------------------------------------------------
+
+    @property
+    def resizes_file(self) -> Path:
+        return self.path / RESIZES
+
+    def append_resize(self, record: dict) -> None:
+        """One line of resizes.jsonl: time, from_workers, to_workers, reason, checkpoint_step, last_step,
+        steps_recomputed (the driver of an elastic job writes it before the resized attempt starts)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.resizes_file, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_resizes(self) -> list[dict]:
+        """Every complete line of resizes.jsonl, oldest first (none when the job never resized)."""
+        try:
+            text = self.resizes_file.read_text()
+        except OSError:
+            return []
+        found = []
+        for line in text.splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:  # a line cut by a crash
+                continue
+        return found
+
+
+class JsonlTail:
+    """New complete lines of a JSON-lines file that may be replaced (a restarted worker group rewrites
+    metrics.jsonl: a new inode); `read()` returns (whether the file was replaced since the last read, the
+    records added since). Lines that do not parse are skipped."""
+
+    def __init__(self, path: Path):
+        self.path, self._inode, self._offset = Path(path), None, 0
+
+    def read(self) -> tuple[bool, list[dict]]:
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return False, []
+        records, replaced = [], False
+        with fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            if inode != self._inode:
+                self._inode, self._offset, replaced = inode, 0, True
+            fh.seek(self._offset)
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                self._offset += len(line)
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return replaced, records
+

@@ -1,5 +1,13 @@
 """`liquid bench data`: prepare throughput, loader throughput and a raw numpy.memmap read of the same tokens.
 
+`liquid bench data --scale 1e12,1e13,3.8e13`: the loader's start-up at the scale of the data instead, for
+one rank of a world of --world: a simulated prepared dataset of each size (liquid_data.json, index.json
+and the shard table, written by `data_pipeline.shard_table.generate_index`; the shard files do not exist,
+none is read), then, in a fresh process each, the time and peak memory (RSS) to open the loader at a
+position deep in the run and work out which shards its next step reads. Side by side, the anchor:
+mosaicml-streaming's `StreamingDataset` constructor over the same index (--anchor-max: the largest size it
+is run at; it holds every shard's entry).
+
 Prints one JSON line; progress goes to stderr. Everything runs on the local disk under --workdir.
 """
 from __future__ import annotations
@@ -139,6 +147,75 @@ def bench_data(*, mb: float, seq_len: int, batch: int, loader_tokens: int, workd
     }
 
 
+_OPEN_LOADER = """
+import json, resource, sys, time
+start = time.perf_counter()
+from data_pipeline.loader import StreamingRows
+import_s = time.perf_counter() - start
+root, cache, world, rank, batch, seq, step = sys.argv[1:8]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+rows = StreamingRows([root], seq_len=int(seq), seed=0, cache_dir=cache, rank=int(rank), world=int(world),
+                     global_batch=int(batch))
+state = rows.state_dict()
+rows.load_state_dict({**state, "rows": int(step) * int(batch)})  # a resume deep into the run
+opened = time.perf_counter() - start
+shards = rows.upcoming_shards(rows.per_rank)
+seconds = time.perf_counter() - start
+print(json.dumps({"import_s": round(import_s, 3), "open_s": round(opened, 3), "startup_s": round(seconds, 3),
+                  "next_step_shards": len(shards), "epoch": rows.epoch,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "rss_after_imports_mib": round(before / 1024, 1)}))
+"""
+
+_OPEN_STREAMING = """
+import json, resource, sys, time
+from streaming import StreamingDataset
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+ds = StreamingDataset(local=sys.argv[1], shuffle=True, batch_size=1)
+seconds = time.perf_counter() - start
+print(json.dumps({"startup_s": round(seconds, 3), "num_samples": ds.num_samples,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "rss_after_imports_mib": round(before / 1024, 1)}))
+"""
+
+
+def _measure(script: str, *args) -> dict:
+    """Run a measuring script in a fresh interpreter (its peak RSS is its own) and parse its JSON line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"measuring failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_scale(scales: list[float], *, workdir: Path, world: int, batch: int, seq_len: int, step: int,
+                anchor_max: float) -> dict:
+    from data_pipeline.shard_table import generate_index
+
+    results = []
+    for tokens in scales:
+        root = workdir / f"data-{tokens:g}"
+        _log(f"{tokens:.3g} tokens: generating the index (no shard files)")
+        made = generate_index(str(root), tokens=tokens)
+        _log(f"{made['shards']:,} shards, {made['blocks']:,} blocks ({made['seconds']:.1f}s); opening rank "
+             f"{world - 1} of {world} at step {step:,}")
+        loader = _measure(_OPEN_LOADER, root, workdir / "cache", world, world - 1, batch, seq_len, step)
+        row = {"tokens": tokens, "shards": made["shards"], "blocks": made["blocks"],
+               "index_json_mib": round((root / "index.json").stat().st_size / 2**20, 1), "loader": loader}
+        if tokens <= anchor_max:
+            _log("anchor: StreamingDataset over the same index")
+            row["streaming_dataset"] = _measure(_OPEN_STREAMING, root)
+        results.append(row)
+        shutil.rmtree(root, ignore_errors=True)
+    return {"bench": "data-scale", "machine": machine_name(), "world": world, "rank": world - 1,
+            "global_batch": batch, "seq_len": seq_len, "resume_step": step, "scales": results,
+            "targets": {"startup_s": 60, "peak_rss_mib": 1024}}
+
+
 def main_data(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="liquid bench data", description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=float, default=16.0, help="corpus size in MiB of text")
@@ -147,12 +224,24 @@ def main_data(argv=None) -> dict:
     p.add_argument("--loader-tokens", type=int, default=4_000_000, help="tokens read by each reader")
     p.add_argument("--train-steps", type=int, default=5, help="tiny training steps timed (0 = skip)")
     p.add_argument("--workdir", default=None, help="where shards are written (default: a temp dir)")
+    p.add_argument("--scale", default=None, help="comma-separated dataset sizes in tokens (e.g. 1e12,1e13,3.8e13): "
+                   "measure the loader's start-up on simulated indexes instead")
+    p.add_argument("--world", type=int, default=64, help="--scale: data-parallel ranks (the last one is measured)")
+    p.add_argument("--global-batch", type=int, default=1024, help="--scale: rows per global step")
+    p.add_argument("--resume-step", type=int, default=1_000_000, help="--scale: the step the loader resumes at")
+    p.add_argument("--anchor-max", type=float, default=1e13, help="--scale: largest size StreamingDataset is opened at")
     args = p.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="liquid-bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        out = bench_data(mb=args.mb, seq_len=args.seq_len, batch=args.batch, loader_tokens=args.loader_tokens,
-                         workdir=workdir, train_steps=args.train_steps)
+        if args.scale:
+            scales = [float(x) for x in args.scale.split(",")]
+            out = bench_scale(scales, workdir=workdir, world=args.world, batch=args.global_batch,
+                              seq_len=args.seq_len if args.seq_len != 256 else 4096, step=args.resume_step,
+                              anchor_max=args.anchor_max)
+        else:
+            out = bench_data(mb=args.mb, seq_len=args.seq_len, batch=args.batch, loader_tokens=args.loader_tokens,
+                             workdir=workdir, train_steps=args.train_steps)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -163,7 +163,7 @@ def _rank_main(rank: int, world: int, spec: dict) -> dict:
     place = Placement(topology, torch.device("cpu"))
     grad_accum = t.global_batch_size // (t.micro_batch_size * topology.dp)
     data = build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                         rank=topology.dp_rank, world=topology.dp, log=_log)
+                         rank=topology.dp_rank, world=topology.dp, global_batch=t.global_batch_size, log=_log)
     model = parallelize(build_model(cfg.model, device=place.device), topology)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # as the worker does
     total = spec["warmup"] + 2 * spec["steps"] + 1

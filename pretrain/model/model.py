@@ -26,10 +26,22 @@ ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # see Block
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss
-    lm_loss: torch.Tensor | None
-    mtp_loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None  # mean over the tokens with a label (NaN without any, as F.cross_entropy)
+    mtp_loss: torch.Tensor | None  # mean over the depths of each depth's mean over its targets
     aux_loss: torch.Tensor
     logits: torch.Tensor | None  # [batch, seq, vocab]; None when labels were given and logits not asked for
+    # The sums behind the means (0 without labels): training weighs tokens over the whole global batch
+    # (pretrain/train/step.py divides them by the global counts of `label_counts`).
+    lm_loss_sum: torch.Tensor | None = None  # sum of the token cross-entropies (fp32)
+    mtp_loss_sums: torch.Tensor | None = None  # [mtp_depth]: per depth, the sum over its targets
+
+
+def label_counts(labels: torch.Tensor, mtp_depth: int = 0) -> torch.Tensor:
+    """[1 + mtp_depth] int64, on labels' device: the tokens with a label (the language-model loss's
+    terms), then for each multi-token-prediction depth d its targets (labels shifted d further:
+    labels[:, d:]). No host read."""
+    valid = labels != IGNORE_INDEX
+    return torch.stack([valid[:, d:].sum() for d in range(mtp_depth + 1)])
 
 
 class Block(nn.Module):
@@ -178,15 +190,22 @@ class LiquidLM(nn.Module):
         logits = self.head(h)
         if labels is None:
             return ModelOutput(None, None, None, aux, logits)
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        mtp_loss = self._mtp_loss(h, labels, doc_start, dt) if self.mtp else None
+        counts = label_counts(labels, len(self.mtp))
+        lm_loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                      reduction="sum")
+        lm_loss = lm_loss_sum / counts[0]
+        mtp_loss = mtp_loss_sums = None
+        if self.mtp:
+            mtp_loss_sums = self._mtp_loss_sums(h, labels, doc_start, dt)
+            mtp_loss = (mtp_loss_sums / counts[1:]).mean()
         loss = lm_loss + aux
         if mtp_loss is not None:
             loss = loss + self.cfg.mtp_loss_weight * mtp_loss
-        return ModelOutput(loss, lm_loss, mtp_loss, aux, logits if want_logits else None)
+        return ModelOutput(loss, lm_loss, mtp_loss, aux, logits if want_logits else None, lm_loss_sum, mtp_loss_sums)
 
-    def _mtp_loss(self, h, labels, doc_start, dt):
-        """Depth d predicts labels shifted d further: token t+1+d from position t."""
+    def _mtp_loss_sums(self, h, labels, doc_start, dt):
+        """Depth d predicts labels shifted d further: token t+1+d from position t. Returns [depth] sums of
+        the token cross-entropies (their counts: `label_counts`)."""
         losses = []
         for d, module in enumerate(self.mtp, start=1):
             # The input at t+d is labels[t+d-1]; positions past the row end get an ignored target.
@@ -195,8 +214,9 @@ class LiquidLM(nn.Module):
             h = module(h, emb, doc_start=doc_start, dt=dt)
             target = torch.cat([labels[:, d:], labels.new_full((labels.shape[0], d), IGNORE_INDEX)], 1)
             logits = self.head(h)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX))
-        return torch.stack(losses).mean()
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
+                                          reduction="sum"))
+        return torch.stack(losses)
 
     @torch.no_grad()
     def init_state(self, batch: int):

@@ -27,12 +27,14 @@ from pretrain.train.metrics import MetricsLogger, ProgressPrinter
 from pretrain.train.step import Placement
 
 
-def train_main(cfg, *, progress: bool = True, launch_id: str | None = None, node: dict | None = None) -> dict:
+def train_main(cfg, *, progress: bool = True, launch_id: str | None = None, node: dict | None = None,
+               record_cfg=None) -> dict:
     """Train on this rank. `launch_id` names one `liquid pretrain` launch: when Ray restarts the worker
     group after a failure, the restarted workers resume from that launch's newest checkpoint. `node`: the
-    Ray node's `node_id` and `node_ip` (the launcher looks them up; None outside Ray)."""
+    Ray node's `node_id` and `node_ip` (the launcher looks them up; None outside Ray). `record_cfg`: the
+    config the run directory keeps when it is not `cfg` (an elastic attempt's layout is not the job's)."""
     topology = build_topology_for(cfg)
-    status = WorkerStatus(open_run_dir(cfg, topology), topology, launch_id=launch_id, node=node)
+    status = WorkerStatus(open_run_dir(record_cfg or cfg, topology), topology, launch_id=launch_id, node=node)
     status("starting")
     try:
         summary = _train(cfg, topology, status, progress=progress)
@@ -108,8 +110,12 @@ def open_data(cfg, run: RunDir, topology):
             run.copy_tokenizer(tokenizer)
     barrier()
     t = cfg.train
+    record = None
+    if cfg.data.record_rows and topology.cp_rank == 0:  # the CP ranks of a data-parallel rank read the same rows
+        (run.path / "rows").mkdir(exist_ok=True)
+        record = str(run.path / "rows" / f"rank{topology.rank}.jsonl")
     return build_dataset(cfg.data, seq_len=t.seq_len, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                         rank=topology.dp_rank, world=topology.dp)
+                         rank=topology.dp_rank, world=topology.dp, global_batch=t.global_batch_size, record=record)
 
 
 def engine_for(cfg, model, topology, place: Placement):
@@ -157,7 +163,10 @@ def finish(cfg, run: RunDir, topology, result: LoopResult, *, checkpoints, start
            resumed_from: str | None) -> dict:
     """After the loop: say how to continue a stopped run, export a finished one (rank 0), write the summary."""
     export = None
-    if result.stopped and topology.rank == 0:
+    if result.stopped and topology.rank == 0 and run.stop_reason().startswith("elastic:"):
+        run.clear_stop()  # the elastic driver's: it restarts the job at another size itself
+        print(f"stopped at step {result.steps} for an elastic resize (checkpoint saved)", flush=True)
+    elif result.stopped and topology.rank == 0:
         run.clear_stop()
         print(f"stopped on request at step {result.steps} (checkpoint saved); continue with "
               f"`liquid resume {run.path}`", flush=True)

@@ -1,10 +1,11 @@
-"""StreamingRows: row slicing, exact resume, epochs, data-parallel ranks, mixing, S3, corruption, errors.
+"""StreamingRows: row slicing, the layout-free order, exact resume at any layout, epochs, mixing, S3,
+corruption, errors.
 
-Test datasets encode where every token comes from: token = base + block * block_tokens + offset.
+Test datasets encode where every token comes from: token = base + block * block_tokens + offset; the
+loader's record file says which (epoch, block, row) each row is, and the tests check the tokens agree.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def row_ids(batch, base=0):
     return [(int(g) // BT, int(g) % BT // SEQ) for g in first]
 
 
+def recorded_rows(path) -> list[tuple[int, int, int]]:
+    """(epoch, block, row) of every row a loader with `record=path` gave, in order."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [t for r in lines for t in zip(r["epoch"], r["block"], r["row"])]
+
+
 def take(rows, num_batches, batch_size):
     return [rows.next_batch(batch_size) for _ in range(num_batches)]
 
@@ -64,15 +71,20 @@ def assert_same(a, b):
             assert torch.equal(x[key], y[key]), key
 
 
-def epoch_blocks(rows, batch_size=1):
-    """Blocks read until the loader moves into the next epoch."""
-    seen = []
-    epoch = rows.state_dict()["epoch"]
-    while True:
-        batch = rows.next_batch(batch_size)
-        if rows.state_dict()["epoch"] != epoch:
-            return seen
-        seen += [block for block, _ in row_ids(batch)]
+def steps(rows, num_steps, micro=None):
+    """`num_steps` global steps of a loader: its rows of each step, in micro-batches of `micro` rows."""
+    micro = micro or rows.per_rank
+    out = []
+    for _ in range(num_steps):
+        parts = [rows.next_batch(micro) for _ in range(rows.per_rank // micro)]
+        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    return out
+
+
+def global_steps(ranks, num_steps, micro=None):
+    """Every rank's rows of each step, concatenated in rank order: the global batch."""
+    per_rank = [steps(rows, num_steps, micro) for rows in ranks]
+    return [{k: torch.cat([p[s][k] for p in per_rank]) for k in per_rank[0][s]} for s in range(num_steps)]
 
 
 @pytest.fixture
@@ -85,7 +97,7 @@ def test_rows_labels_padding_and_doc_starts(tmp_path, vocab_size):
     path = write_dataset(tmp_path / "ds", num_blocks=4, short_blocks={1: 50, 2: 1}, vocab_size=vocab_size)
     with loader([path], tmp_path, shuffle=False) as rows:
         assert (rows.block_tokens, rows.rows_per_block, rows.vocab_size) == (BT, 8, vocab_size)
-        batch = rows.next_batch(10)  # block 0: 8 rows, block 1: 2 rows (50 tokens), block 2: none
+        batch = rows.next_batch(10)  # block 0: 8 rows, block 1: 2 rows with its 50 real tokens...
         assert row_ids(batch) == [(0, i) for i in range(8)] + [(1, 0), (1, 1)]
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
         assert batch["doc_start"].dtype == torch.bool and batch["input_ids"].shape == (10, SEQ)
@@ -94,108 +106,112 @@ def test_rows_labels_padding_and_doc_starts(tmp_path, vocab_size):
         last = batch["labels"][9]  # block 1 row 1: inputs 32..63, labels 33..64, real up to 49
         assert torch.equal(last[:17], torch.arange(BT + 33, BT + 50)) and (last[17:] == -100).all()
         assert batch["doc_start"][0, 0]
-        inside = rows.next_batch(8)  # block 2 (one padding token) is skipped
+        padding = rows.next_batch(14)  # ...then its 6 rows past the real tokens and block 2's 8 (1 real token)
+        assert (padding["labels"] == -100).all() and (padding["input_ids"][:, 1:] == 0).all()
+        inside = rows.next_batch(8)  # block 3, inside one long document
         assert row_ids(inside) == [(3, i) for i in range(8)] and not inside["doc_start"].any()
-        assert row_ids(rows.next_batch(1)) == [(0, 0)]  # the next epoch
+        assert row_ids(rows.next_batch(1)) == [(0, 0)] and rows.epoch == 1  # the next epoch
 
 
 def test_doc_starts_match_the_shard(tmp_path):
+    from streaming import StreamingDataset
+
     path = write_dataset(tmp_path / "ds", num_blocks=2)
     with loader([path], tmp_path, shuffle=False) as rows:
         batch = rows.next_batch(16)
-        sample = rows._ds[1]
+    sample = StreamingDataset(local=path, shuffle=False, batch_size=1)[1]
     flat = batch["doc_start"][8:].reshape(-1)  # block 1, rows in order: position = index
     assert sorted(torch.nonzero(flat).reshape(-1).tolist()) == [s for s in sample["doc_starts"] if s < 256]
 
 
-def test_exact_resume_across_buffers_and_epochs(ds, tmp_path):
-    with loader([ds], tmp_path) as rows:
-        head = take(rows, 13, 7)
-        state = json.loads(json.dumps(rows.state_dict()))  # a checkpoint holds plain values
-        tail = take(rows, 40, 7)  # 182 rows per epoch: crosses two epoch boundaries
-    assert tail[-1] is not None and rows.state_dict()["epoch"] == 2
-    with loader([ds], tmp_path) as resumed:
-        resumed.load_state_dict(state)
-        assert_same(take(resumed, 40, 7), tail)
-    with loader([ds], tmp_path) as other_batch:  # the position is in rows: the batch size may change
-        other_batch.load_state_dict(state)
-        assert torch.equal(other_batch.next_batch(70)["input_ids"],
-                           torch.cat([b["input_ids"] for b in tail[:10]]))
-    with loader([ds], tmp_path) as again:  # deterministic from the seed
-        assert_same(head[:3], take(again, 3, 7))
-
-
-def test_a_resume_generates_the_epoch_order_once(ds, tmp_path, monkeypatch):
-    """Constructing a loader and loading a checkpoint's position both set the epoch: the order (the costly
-    part at scale) is generated once, for the epoch the checkpoint is in."""
-    import streaming.base.batching as batching
-
-    with loader([ds], tmp_path) as rows:
-        take(rows, 30, 7)  # into the second epoch
-        state = json.loads(json.dumps(rows.state_dict()))
-    epochs = []
-    generate = batching.generate_work
-    monkeypatch.setattr(batching, "generate_work", lambda *a: epochs.append(a[3]) or generate(*a))
-    with loader([ds], tmp_path) as resumed:
-        resumed.load_state_dict(state)
-        resumed.next_batch(7)
-    assert epochs == [state["epoch"]] == [1]
-
-
 def test_each_epoch_reads_every_row_once_in_a_new_order(ds, tmp_path):
-    with loader([ds], tmp_path) as rows:
-        epochs = [[tuple(r) for r in row_ids(rows.next_batch(182))] for _ in range(2)]
-    expected = {(b, r) for b in range(24) for r in range(8) if b not in (5, 23)}
-    expected |= {(5, 0), (5, 1), (23, 0), (23, 1), (23, 2), (23, 3)}
+    record = tmp_path / "rows.jsonl"
+    with loader([ds], tmp_path, record=record) as rows:
+        batches = [rows.next_batch(96) for _ in range(4)]  # 192 rows per epoch
+    seen = recorded_rows(record)
+    epochs = [[(b, r) for e, b, r in seen if e == epoch] for epoch in (0, 1)]
     for epoch in epochs:
-        assert sorted(epoch) == sorted(expected)
+        assert sorted(epoch) == [(b, r) for b in range(24) for r in range(8)]
     assert epochs[0] != epochs[1]
+    # The tokens are those of the recorded block and row (rows past a short block's end are padding).
+    short = {5: 50, 23: 100}
+    tokens = torch.cat([b["input_ids"] for b in batches])
+    for (_, block, row), first in zip(seen, tokens[:, 0].tolist(), strict=True):
+        real = row * SEQ < short.get(block, BT)
+        assert first == (block * BT + row * SEQ if real else 0)
 
 
-def test_two_ranks_split_each_epoch(ds, tmp_path):
-    ranks = [loader([ds], tmp_path, rank=r, world=2) for r in range(2)]
-    for _ in range(2):
-        seen = [epoch_blocks(rows) for rows in ranks]
-        assert not set(seen[0]) & set(seen[1])
-        assert sorted(set(seen[0]) | set(seen[1])) == list(range(24))
+def test_a_window_mixes_rows_of_its_blocks(ds, tmp_path):
+    """Consecutive rows come from the window's blocks (shuffle_buffer_blocks=3), not one block."""
+    record = tmp_path / "rows.jsonl"
+    with loader([ds], tmp_path, record=record) as rows:
+        rows.next_batch(24)
+    blocks = [b for _, b, _ in recorded_rows(record)]
+    assert len(set(blocks)) == 3 and len(set(blocks[:8])) > 1
+
+
+@pytest.mark.parametrize("world,micro", [(2, 6), (3, 2), (4, 1), (6, 2), (12, 1)])
+def test_the_rows_of_a_step_do_not_depend_on_the_layout(ds, tmp_path, world, micro):
+    """Global batch 12: whatever the number of ranks and the micro-batch size, step s is the same 12 rows
+    in the same order (rank r holds rows r*12/world...), across an epoch boundary (192 rows)."""
+    with loader([ds], tmp_path, global_batch=12) as one:
+        reference = steps(one, 20)
+    ranks = [loader([ds], tmp_path, rank=r, world=world, global_batch=12) for r in range(world)]
+    assert_same(global_steps(ranks, 20, micro), reference)
     for rows in ranks:
         rows.close()
 
 
-@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
-def test_resume_with_another_world(ds, tmp_path, old_world, new_world):
-    old = [loader([ds], tmp_path, rank=r, world=old_world) for r in range(old_world)]
-    before = [[b for batch in take(rows, 5, 4) for b, _ in row_ids(batch)] for rows in old]
-    states = [rows.state_dict() for rows in old]
-    for rows in old:
-        rows.close()
-    new = [loader([ds], tmp_path, rank=r, world=new_world) for r in range(new_world)]
-    after = []
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3), (4, 6)])
+def test_resume_at_another_layout_is_exact(ds, tmp_path, old_world, new_world):
+    """A state taken between steps at one number of ranks continues at another with exactly the rows the
+    uninterrupted run reads."""
+    with loader([ds], tmp_path, global_batch=12) as one:
+        reference = steps(one, 25)
+    old = [loader([ds], tmp_path, rank=r, world=old_world, global_batch=12) for r in range(old_world)]
+    global_steps(old, 7)
+    states = [json.loads(json.dumps(rows.state_dict())) for rows in old]  # a checkpoint holds plain values
+    assert len({(s["rows"], s["in_step"]) for s in states}) == 1 and states[0]["rows"] == 7 * 12
+    new = [loader([ds], tmp_path, rank=r, world=new_world, global_batch=12) for r in range(new_world)]
     for rows in new:
         rows.load_rank_states(states)  # what a resharding checkpoint load calls
-        after.append(epoch_blocks(rows, batch_size=1))
+    assert_same(global_steps(new, 18), reference[7:])
+    for rows in old + new:
         rows.close()
-    read_before, read_after = {b for seen in before for b in seen}, [b for seen in after for b in seen]
-    assert set(read_after) | read_before == set(range(24))  # nothing skipped
-    assert sum(len(set(seen)) for seen in after) == len(set(read_after))  # new ranks do not overlap
-    repeated = read_before & set(read_after)  # only the old ranks' current buffers
-    assert 0 < len(repeated) <= 3 * old_world
 
 
-def test_resume_rank_exactly_and_refusals(ds, tmp_path):
-    with loader([ds], tmp_path, rank=1, world=2) as rows:
-        rows.next_batch(3)
-        state = rows.state_dict()
-        expected = take(rows, 20, 5)
-    with loader([ds], tmp_path, rank=1, world=2) as same:
+def test_exact_resume_mid_step_at_the_same_layout(ds, tmp_path):
+    with loader([ds], tmp_path, rank=1, world=2, global_batch=8) as rows:
+        rows.next_batch(3)  # inside a step: 3 of this rank's 4 rows
+        state = json.loads(json.dumps(rows.state_dict()))
+        expected = take(rows, 50, 5)  # crosses epochs (192 rows)
+    with loader([ds], tmp_path, rank=1, world=2, global_batch=8) as same:
         same.load_state_dict(state)
-        assert_same(take(same, 20, 5), expected)
-    with loader([ds], tmp_path, rank=0, world=2) as other, pytest.raises(ValueError, match="rank 1"):
-        other.load_state_dict(state)
-    with loader([ds], tmp_path, rank=1, world=2, seed=8) as reseeded, pytest.raises(ValueError, match="train.seed was 7"):
-        reseeded.load_state_dict(state)
-    with loader([ds], tmp_path, rank=1, world=2, seq_len=16) as shorter, pytest.raises(ValueError, match="train.seq_len was"):
-        shorter.load_state_dict(state)
+        assert_same(take(same, 50, 5), expected)
+    with loader([ds], tmp_path) as again, loader([ds], tmp_path) as first:  # deterministic from the seed
+        assert_same(take(again, 3, 7), take(first, 3, 7))
+
+
+def test_refusals(ds, tmp_path):
+    with loader([ds], tmp_path, rank=1, world=2, global_batch=8) as rows:
+        rows.next_batch(3)
+        inside = rows.state_dict()
+        rows.next_batch(1)
+        between = rows.state_dict()
+    with loader([ds], tmp_path, rank=0, world=2, global_batch=8) as other, pytest.raises(ValueError, match="rank 1"):
+        other.load_state_dict(inside)
+    with loader([ds], tmp_path, world=1, global_batch=8) as fewer, pytest.raises(ValueError, match="middle of a step"):
+        fewer.load_rank_states([inside])
+    with loader([ds], tmp_path, seed=8, world=2, global_batch=8) as reseeded, \
+            pytest.raises(ValueError, match="train.seed was 7"):
+        reseeded.load_state_dict(between)
+    with loader([ds], tmp_path, seq_len=16, world=2, global_batch=8) as shorter, \
+            pytest.raises(ValueError, match="train.seq_len was"):
+        shorter.load_state_dict(between)
+    with loader([ds], tmp_path) as newer, pytest.raises(ValueError, match="older loader"):
+        newer.load_state_dict({**between, "version": 1})
+    with pytest.raises(ValueError, match="global_batch_size=6 rows must be a multiple of the 4"):
+        loader([ds], tmp_path, world=4, global_batch=6)
 
 
 def test_mixing_by_proportion(tmp_path):
@@ -209,7 +225,7 @@ def test_mixing_by_proportion(tmp_path):
 
     first = run(3)
     from_b = np.mean([float((batch["input_ids"][:, 0] >= 30000).float().mean()) for batch in first])
-    assert abs(from_b - 0.25) < 0.03
+    assert from_b == 0.25  # 15 of each epoch's 60 blocks
     assert_same(first, run(3))
     assert not torch.equal(first[0]["input_ids"], run(4)[0]["input_ids"])
 
@@ -227,7 +243,7 @@ def test_remote_matches_local(ds, tmp_path, s3_bucket):
     url = _upload(ds, s3_bucket, "ds")
     with loader([ds], tmp_path) as local:
         expected = take(local, 30, 8)
-    for _ in range(2):  # the second loader reuses the cache (and the released shared memory)
+    for _ in range(2):  # the second loader reuses the cache
         with loader([url], tmp_path) as remote:
             assert_same(take(remote, 30, 8), expected)
     assert any(p.name.startswith("shard.") for p in (tmp_path / "cache").rglob("*"))
@@ -235,44 +251,29 @@ def test_remote_matches_local(ds, tmp_path, s3_bucket):
 
 _RANK_PROCESS = """
 import json, sys
-import torch.distributed as dist
 from data_pipeline.loader import StreamingRows, StreamSpec
-dist.init_process_group("gloo")
-rows = StreamingRows([StreamSpec(sys.argv[1])], seq_len=32, seed=7, cache_dir=sys.argv[2], rank=dist.get_rank(),
-                     world=dist.get_world_size(), shuffle_buffer_blocks=3)
-seen = set()
-while True:
-    first = int(rows.next_batch(1)["input_ids"][0, 0])
-    if rows.state_dict()["epoch"]:
-        break
-    seen.add(first // int(sys.argv[3]))
-prefix = rows._ds._shm_prefix_int
+rank = int(sys.argv[4])
+rows = StreamingRows([StreamSpec(sys.argv[1])], seq_len=32, seed=7, cache_dir=sys.argv[2], rank=rank, world=2,
+                     global_batch=8, shuffle_buffer_blocks=3, record=sys.argv[3])
+for _ in range(24):  # one epoch: 24 steps of 8 rows
+    rows.next_batch(4)
 rows.close()
-dist.barrier()  # then streaming's lock files of this run can go (a lone process's close removes them)
-if dist.get_rank() == 0:
-    import os, tempfile
-    for name in ("cache_filelock", "barrier_filelock"):
-        path = os.path.join(tempfile.gettempdir(), f"{prefix:06}_{name}")
-        if os.path.exists(path):
-            os.remove(path)
-print(json.dumps(sorted(seen)))
 """
 
 
 def test_two_rank_processes_share_the_remote_cache(ds, tmp_path, s3_bucket):
-    """The training setup: one process per rank, distributed env set, one cache directory per node."""
+    """The training setup: one process per rank, one cache directory per node. Together the ranks read
+    every row of the epoch once; each shard is in the cache once, whole, with no partial downloads left."""
     url = _upload(ds, s3_bucket, "ds")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK_PROCESS, url, str(tmp_path / "cache"), str(BT)],
-                              stdout=subprocess.PIPE, text=True, env={
-                                  **os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                  "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
-    seen = [set(json.loads(proc.communicate(timeout=120)[0].splitlines()[-1])) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0]
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(24))
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_PROCESS, url, str(cache), str(tmp_path / f"rank{r}.jsonl"),
+                               str(r)]) for r in range(2)]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    seen = [recorded_rows(tmp_path / f"rank{r}.jsonl") for r in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(b * 8 + r for _, b, r in seen[0] + seen[1]) == list(range(192))
+    cached = sorted(p.name for p in cache.rglob("shard.*") if not p.name.endswith(".lock"))
+    assert cached == sorted(p.name.removesuffix(".zstd") for p in Path(ds).glob("shard.*"))
 
 
 def test_remote_corrupt_shard_is_reported(tmp_path, s3_bucket):
@@ -314,3 +315,30 @@ def test_clear_errors(ds, tmp_path, s3_bucket):
     other = write_dataset(tmp_path / "other", num_blocks=2, tokenizer="tok-b")
     with pytest.raises(ValueError, match=f"{ds} and {other} disagree on tokenizer_sha256"):
         loader([ds, other], tmp_path)
+
+
+def test_a_missing_local_shard_is_named(tmp_path):
+    path = write_dataset(tmp_path / "ds")
+    Path(path, "shard.00002.mds").unlink()
+    with loader([path], tmp_path, shuffle=False) as rows, \
+            pytest.raises(DataCorruptionError, match="shard.00002.mds listed in .*index.json is missing"):
+        take(rows, 30, 8)
+
+
+def test_a_bounded_cache_stays_under_its_limit(ds, tmp_path, s3_bucket):
+    """Two epochs of a remote dataset (6 shards) through a cache that holds 3: the cache never holds more
+    (checked after every batch), evicted shards are fetched again when needed, and the rows are those of an
+    unbounded cache."""
+    url = _upload(ds, s3_bucket, "ds")
+    shards = len(list(Path(ds).glob("shard.*")))
+    with loader([url], tmp_path, cache_dir=tmp_path / "unbounded", shuffle_buffer_blocks=1) as rows:
+        expected = take(rows, 96, 4)
+        shard = max(size for _, size, _ in rows.cache.files())
+    usage, got = [], []
+    with loader([url], tmp_path, cache_dir=tmp_path / "bounded", cache_limit=3 * shard, shuffle_buffer_blocks=1) as rows:
+        for _ in range(96):
+            got.append(rows.next_batch(4))
+            usage.append(rows.cache.usage())
+    assert_same(got, expected)
+    assert shards == 6 and len(list((tmp_path / "unbounded").rglob("shard.*.mds"))) == shards
+    assert max(usage) <= 3 * shard and len(list((tmp_path / "bounded").rglob("shard.*.mds"))) <= 3

@@ -173,7 +173,7 @@ def check_equal(seq: int, *, cp_checkpointing: str, reference_checkpointing: str
 
     worst = {}
     for rank, got in enumerate(ranks):
-        # The loss train_step reports: the row's token-weighted mean (context_parallel_losses).
+        # The loss train_step reports: token-weighted over the global batch (pretrain/train/step.py).
         assert_norm_close(got["loss"], ref["loss"], f"rank {rank} loss", rtol=RTOL)
         assert_norm_close(got["norm"], ref["norm"], f"rank {rank} gradient norm", rtol=norm_rtol)
         assert got["counts"] == ref["counts"], f"rank {rank}: expert counts differ"
