@@ -1,7 +1,11 @@
 """The liquid recurrence S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T, y_t = S_t^T q_t.
 
-`liquid_scan` is the chunked parallel form used for training; `liquid_scan_reference` is the
-token-by-token ground truth it is tested against. Both share one signature.
+`liquid_scan` is the parallel form used for training; `liquid_scan_reference` is the token-by-token
+ground truth it is tested against. Both share one signature. With matrix states (key_dim N > 1)
+liquid_scan is the chunked matmul form below. With N = 1 (one decay per head, a scalar state per value
+channel: the element-wise liquid recurrence) it takes `_ElementwiseScan`, a first-order linear
+recurrence forward and its adjoint backward, O(T) work without the chunk form's [chunk x chunk] decay
+matrices, which cost chunk x channels per token there.
 
 Shapes: q, k [batch, seq, heads, N]; v [batch, seq, heads, P]; log_decay [batch, seq, heads] with
 values <= 0 where -inf is an exact reset (the state before that token is dropped);
@@ -15,6 +19,7 @@ tokens in different segments are masked out, and the carried state is dropped af
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 import torch.utils.checkpoint
@@ -65,6 +70,130 @@ def _triton_scan():
         return None
 
 
+
+def _chunk_len(seq: int) -> int:
+    """Chunk length of the element-wise scan: about sqrt(seq) (a power of two in [8, 256]), so that its
+    two sequential loops (over the positions of a chunk, over the chunks) both stay short."""
+    return int(min(256, max(8, 2 ** round(math.log2(max(seq, 1)) / 2))))
+
+
+def _recurrence_(a, h, h0):
+    """In place: h_t <- a_t h_{t-1} + h_t along dim 1, from h_{-1} = h0 (None: zero).
+    a [B, T, H, 1], h [B, T, H, P] contiguous fp32, T a multiple of the chunk length.
+
+    Work O(T), as short Python loops of whole-tensor steps (each step covers one position of every chunk
+    at once): (1) each chunk's end value from a zero start and its total decay, read-only over h;
+    (2) a loop over the chunks carrying the true value into each; (3) the recurrence in place, every
+    chunk starting from its carried value. No temporary the size of h: on a CPU a fresh allocation that
+    size costs as much as several passes over it (page faults)."""
+    batch, seq, heads, p = h.shape
+    c = _chunk_len(seq)
+    nc = seq // c
+    ac, hc = a.view(batch, nc, c, heads, 1), h.view(batch, nc, c, heads, p)
+    end, decay = hc[:, :, 0], ac[:, :, 0].clone()
+    for t in range(1, c):
+        end = torch.addcmul(hc[:, :, t], ac[:, :, t], end)
+        decay.mul_(ac[:, :, t])
+    carried = h.new_empty(batch, nc, heads, p)  # the state entering each chunk
+    carry = h.new_zeros(batch, heads, p) if h0 is None else h0
+    for i in range(nc):
+        carried[:, i] = carry
+        carry = torch.addcmul(end[:, i], decay[:, i], carry)
+    hc[:, :, 0].addcmul_(ac[:, :, 0], carried)
+    for t in range(1, c):
+        hc[:, :, t].addcmul_(ac[:, :, t], hc[:, :, t - 1])
+
+
+def _reverse_recurrence_(a, g):
+    """In place: g_t <- g_t + a_{t+1} g_{t+1} along dim 1 (the adjoint of _recurrence_; g_T = 0), in the
+    same three steps. a [B, T, H, 1], g [B, T, H, P]."""
+    batch, seq, heads, p = g.shape
+    c = _chunk_len(seq)
+    nc = seq // c
+    ac, gc = a.view(batch, nc, c, heads, 1), g.view(batch, nc, c, heads, p)
+    start, decay = gc[:, :, -1], torch.ones_like(ac[:, :, 0])  # decay: product of a over (first, last]
+    for t in range(c - 2, -1, -1):
+        start = torch.addcmul(gc[:, :, t], ac[:, :, t + 1], start)
+        decay.mul_(ac[:, :, t + 1])
+    carried = g.new_empty(batch, nc, heads, p)  # a_{t+1} g_{t+1} entering each chunk's last position
+    carry = g.new_zeros(batch, heads, p)
+    for i in range(nc - 1, -1, -1):
+        carried[:, i] = carry
+        carry = ac[:, i, 0] * torch.addcmul(start[:, i], decay[:, i], carry)
+    gc[:, :, -1] += carried
+    for t in range(c - 2, -1, -1):
+        gc[:, :, t].addcmul_(ac[:, :, t + 1], gc[:, :, t + 1])
+
+
+def _sum_channels(x):
+    return x if x.shape[-1] == 1 else x.sum(-1, keepdim=True)
+
+
+class _ElementwiseScan(torch.autograd.Function):
+    """The recurrence when key_dim is 1: S_t = a_t S_{t-1} + k_t v_t per channel (a scalar state per
+    head and value channel), y_t = q_t S_t, a_t = exp(log_decay_t). Forward and backward are each one
+    first-order linear recurrence (backward runs its adjoint in reverse), so no [chunk x chunk] decay
+    matrix is built and the work is a few passes over [B, T, H, P].
+
+    Inputs fp32 with seq a multiple of the chunk length; h0 [B, H, P] or None. Keeps the states
+    [B, T, H, P] for backward, or with `recompute` only the inputs (backward runs the forward again)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, h0, recompute: bool):
+        a = log_decay.exp()[..., None]
+        h = k * v
+        _recurrence_(a, h, h0)
+        y = q * h
+        ctx.recompute = recompute
+        ctx.save_for_backward(q, k, v, a, h0, None if recompute else h)
+        return y, h[:, -1].clone()  # a copy: backward reuses h's memory
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        q, k, v, a, h0, h = ctx.saved_tensors
+        if h is None:
+            h = k * v
+            _recurrence_(a, h, h0)
+        gh = q * gy
+        gh[:, -1] += g_final
+        _reverse_recurrence_(a, gh)  # gh_t: dL/dS_t through y_t and every later state
+        grad_a = torch.empty_like(a)  # dL/da_t = sum over channels of gh_t S_{t-1}
+        if h.shape[-1] == 1:
+            torch.mul(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+        else:
+            torch.sum(gh[:, 1:] * h[:, :-1], -1, keepdim=True, out=grad_a[:, 1:])
+        if h0 is not None:
+            torch.sum(gh[:, 0] * h0, -1, keepdim=True, out=grad_a[:, 0])
+        else:
+            grad_a[:, 0] = 0
+        grad_h0 = a[:, 0] * gh[:, 0] if h0 is not None and ctx.needs_input_grad[4] else None
+        grad_ld = grad_a.mul_(a)[..., 0]  # d a / d log_decay = a
+        grad_k = _sum_channels(gh * v)
+        # The last uses of h and gh write in place (fresh tensors of their size cost page faults); h is
+        # this call's own (saved, or recomputed), never seen by the caller.
+        grad_q = h.mul_(gy) if h.shape[-1] == 1 else (gy * h).sum(-1, keepdim=True)
+        grad_v = gh.mul_(k)
+        return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
+
+
+def _liquid_scan_elementwise(q, k, v, log_decay, *, initial_state, recompute: bool):
+    """liquid_scan for key_dim 1 (see _ElementwiseScan): same contract, resets included (a reset's decay
+    exp(-inf) = 0 drops the state exactly)."""
+    _check_shapes(q, k, v, log_decay, initial_state)
+    batch, seq, heads, _ = q.shape
+    p = v.shape[-1]
+    if seq == 0:
+        state = q.new_zeros(batch, heads, 1, p, dtype=torch.float32) if initial_state is None else initial_state.float()
+        return v.new_zeros(batch, 0, heads, p), state
+    pad = -seq % _chunk_len(seq)
+    xs = [x.float() for x in (q, k, v, log_decay)]
+    if pad:  # log_decay 0 (a = 1) and k = 0 after the end carry the last state unchanged
+        xs = [torch.cat([x, x.new_zeros((batch, pad, *x.shape[2:]))], dim=1) for x in xs]
+    h0 = initial_state.float()[:, :, 0] if initial_state is not None else None
+    y, final = _ElementwiseScan.apply(*xs, h0, recompute)
+    return y[:, :seq].to(v.dtype), final[:, :, None]
+
+
 def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE, recompute=False):
     """Chunked parallel scan: masked matmuls inside a chunk, state passing between chunks.
 
@@ -78,6 +207,8 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
                                                   chunk_size=chunk_size, recompute=recompute)
     # The contract is fp32 accumulation: autocast would run the chunk matmuls in bf16 (on CUDA and CPU).
     with torch.autocast(q.device.type, enabled=False):
+        if q.shape[-1] == 1:  # one decay per channel: an element-wise recurrence, no chunk matrices
+            return _liquid_scan_elementwise(q, k, v, log_decay, initial_state=initial_state, recompute=recompute)
         return _liquid_scan_chunked(q, k, v, log_decay, initial_state=initial_state, chunk_size=chunk_size,
                                     recompute=recompute)
 
