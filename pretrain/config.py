@@ -123,7 +123,13 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    # wsd: the decay runs from decay_start_step (default: the last decay_fraction of train.max_steps) to
+    # train.max_steps, shaped linear | cosine | 1-sqrt, down to min_lr_ratio. A decay_start_step at or past
+    # max_steps keeps the run stable to its end (extend it on resume; start the decay from any checkpoint).
+    decay_fraction: float = 0.2
+    decay_start_step: Optional[int] = None
+    decay_shape: str = "1-sqrt"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -293,13 +299,24 @@ def validate(cfg: Config) -> None:
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16, got '{t.dtype}'")
     _require(t.activation_checkpointing in ("none", "selective", "full"), "train.activation_checkpointing",
              f"must be none, selective or full, got '{t.activation_checkpointing}'")
-    _require(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant")
+    o = cfg.optim
+    _require(o.schedule in ("cosine", "constant", "wsd"), "optim.schedule", f"must be cosine, constant or wsd, got '{o.schedule}'")
+    _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
+    _require(o.decay_start_step is None or o.decay_start_step >= 0, "optim.decay_start_step",
+             f"must be >= 0 or null, got {o.decay_start_step}")
+    _require(o.decay_shape in ("linear", "cosine", "1-sqrt"), "optim.decay_shape",
+             f"must be linear, cosine or 1-sqrt, got '{o.decay_shape}'")
     for key, val in (("parallel.dp", p.dp), ("parallel.ep", p.ep), ("parallel.cp", p.cp)):
         _require(val >= 1, key, f"must be >= 1, got {val}")
     _require(m.moe.num_experts % p.ep == 0, "parallel.ep",
              f"model.moe.num_experts ({m.moe.num_experts}) is not divisible by parallel.ep ({p.ep})")
     _require(t.seq_len % p.cp == 0, "parallel.cp", f"train.seq_len ({t.seq_len}) is not divisible by parallel.cp ({p.cp})")
-    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    # ZeRO-3 gathers a parameter only around its own module's forward; the model also reads weights
+    # elsewhere (tied embeddings in the head, conv taps in the mixers), and DeepSpeed has no ZeRO-3 path
+    # for expert parameters outside its own MoE layers (parallel/engine.py).
+    _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage",
+             f"must be 0 (one rank only), 1 or 2, got {p.zero_stage}: ZeRO-3 is not supported (the model reads "
+             "some weights outside their own modules, and DeepSpeed's ZeRO-3 has no path for our experts)")
     world = p.dp * p.cp  # expert parallelism is carved out of dp x cp (megatron-core's layout)
     _require(world % p.ep == 0, "parallel.ep", f"must divide parallel.dp x parallel.cp = {world}, got {p.ep}")
     _require(cfg.cluster.num_workers == world, "cluster.num_workers",

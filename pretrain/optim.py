@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule (warmup + cosine)."""
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule (linear warmup, then
+cosine, constant or warmup-stable-decay)."""
 from __future__ import annotations
 
 import math
@@ -17,17 +18,41 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+DECAY_SHAPES = {
+    "linear": lambda p: 1.0 - p,
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "1-sqrt": lambda p: 1.0 - math.sqrt(p),
+}
+
+
+def wsd_decay_start(optim_cfg, max_steps: int) -> int:
+    """The step where a wsd schedule's decay begins: optim.decay_start_step, or the last
+    optim.decay_fraction of max_steps (never inside the warmup)."""
+    if optim_cfg.decay_start_step is not None:
+        return max(optim_cfg.decay_start_step, optim_cfg.warmup_steps)
+    return max(max_steps - round(optim_cfg.decay_fraction * max_steps), optim_cfg.warmup_steps)
+
+
 def lr_lambda(optim_cfg, max_steps: int):
-    """Multiplier of optim.lr at a step: linear warmup, then cosine down to min_lr_ratio (or constant)."""
+    """Multiplier of optim.lr at a step (0-based: the step about to be taken): linear warmup, then
+    - cosine: down to min_lr_ratio at max_steps;
+    - constant: 1;
+    - wsd (warmup-stable-decay): 1 until the decay start (`wsd_decay_start`), then down to min_lr_ratio at
+      max_steps in optim.decay_shape. Only the decay start and max_steps shape it, so a resume that raises
+      max_steps before the decay has begun extends the stable phase without a jump, and a resume with
+      optim.decay_start_step = its step starts the decay there."""
     warmup = max(optim_cfg.warmup_steps, 0)
+    low = optim_cfg.min_lr_ratio
+    decay_start = wsd_decay_start(optim_cfg, max_steps) if optim_cfg.schedule == "wsd" else warmup
+    shape = DECAY_SHAPES[optim_cfg.decay_shape if optim_cfg.schedule == "wsd" else "cosine"]
 
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if optim_cfg.schedule == "constant":
+        if optim_cfg.schedule == "constant" or step < decay_start:
             return 1.0
-        progress = min((step - warmup) / max(max_steps - warmup, 1), 1.0)
-        return optim_cfg.min_lr_ratio + (1 - optim_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
+        return low + (1 - low) * shape(progress)
 
     return fn
 
