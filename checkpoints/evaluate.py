@@ -57,11 +57,11 @@ def read_documents(inputs: list[str], text_field: str = "text") -> list[str]:
     return docs
 
 
-def tokenize_documents(docs: list[str], tokenizer: str | Path) -> list[list[int]]:
+def tokenize_documents(docs: list[str], tokenizer: str | Path, eos_token: str | None = None) -> list[list[int]]:
     """Each document's ids followed by EOS, as the data pipeline packs them."""
     from data_pipeline.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(tokenizer)
+    tok = TextTokenizer(tokenizer, eos_token=eos_token)
     return [ids + [tok.eos_id] for ids in tok.encode_batch(docs)]
 
 
@@ -170,7 +170,8 @@ def resolve_device(device: str) -> str:
 
 
 def evaluate(path: str | Path, inputs: list[str], *, step: int | None = None, seq_len: int | None = None,
-             batch_size: int | None = None, device: str = "auto", text_field: str = "text") -> dict:
+             batch_size: int | None = None, device: str = "auto", text_field: str = "text",
+             eos_token: str | None = None) -> dict:
     """`liquid eval`: the result dict for a run's checkpoint or an export on the inputs."""
     from pretrain.model.model import build_model
 
@@ -179,7 +180,7 @@ def evaluate(path: str | Path, inputs: list[str], *, step: int | None = None, se
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     docs = read_documents(inputs, text_field)  # before loading the weights: a bad path fails fast
     source = load_source(path, step)
-    token_docs = tokenize_documents(docs, source.tokenizer)
+    token_docs = tokenize_documents(docs, source.tokenizer, eos_token)
     model = build_model(source.model_cfg, device)
     model.load_state_dict({k: v.float() for k, v in source.state_dict.items()})
     return evaluate_model(model, token_docs, seq_len or source.seq_len, batch_size=batch_size, device=device,

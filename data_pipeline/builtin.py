@@ -22,7 +22,7 @@ def cache_root() -> Path:
 
 def _key(data_cfg) -> str:
     parts = [sys.version, str(stdlib_root()), data_cfg.corpus_max_mb, data_cfg.tokenizer_vocab_size,
-             data_cfg.tokenizer or "", BLOCK_TOKENS, 1]
+             data_cfg.tokenizer or "", BLOCK_TOKENS, 1] + ([data_cfg.eos_token] if data_cfg.eos_token else [])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
@@ -57,7 +57,7 @@ def builtin_dataset(data_cfg, *, log=print) -> tuple[str, str]:
     log(f"data: tokenizing into MDS shards under {shards} (cached for later runs)")
     staging = root / "shards.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    prepare([str(corpus)], str(staging), str(tokenizer), use_ray=False, progress=True)
+    prepare([str(corpus)], str(staging), str(tokenizer), use_ray=False, progress=True, eos_token=data_cfg.eos_token)
     shutil.rmtree(shards, ignore_errors=True)
     staging.replace(shards)  # complete or absent: an interrupted run prepares again
     return str(shards), str(tokenizer)

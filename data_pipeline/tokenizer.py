@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
-# Names other tokenizers use for their end-of-document token, tried in order when loading one.
+# Names other tokenizers use for their end-of-document token, tried in order when loading one (after the
+# `eos_token` of a tokenizer_config.json beside the tokenizer.json, as Hugging Face tokenizers and our
+# exports and run directories ship it).
+CONFIG_FILE = "tokenizer_config.json"
 EOS_CANDIDATES = ("<|eos|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 VOCAB_MULTIPLE = 128
 
@@ -19,8 +22,36 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-size // multiple) * multiple
 
 
+def configured_eos(directory: str | Path) -> str | None:
+    """The eos_token named by directory/tokenizer_config.json (a string, or {"content": ...}), if any."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return eos if isinstance(eos, str) and eos else None
+
+
+def write_eos_config(directory: str | Path, eos_token: str) -> Path:
+    """Record the end-of-document token beside a tokenizer.json (tokenizer_config.json), so every later
+    load of that directory finds it."""
+    path = Path(directory) / CONFIG_FILE
+    config = {}
+    if path.exists():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            config = {}
+    config["eos_token"] = eos_token
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 class TextTokenizer:
-    """A loaded tokenizer.json with the ids the pipeline needs."""
+    """A loaded tokenizer.json with the ids the pipeline needs. The end-of-document token: `eos_token` when
+    given (`--eos-token`, `data.eos_token`), else the tokenizer_config.json's beside it, else the first of
+    EOS_CANDIDATES the vocabulary has."""
 
     def __init__(self, path: str | Path, eos_token: str | None = None):
         from tokenizers import Tokenizer
@@ -39,7 +70,7 @@ class TextTokenizer:
         # otherwise a document could end itself early or smuggle in BOS/PAD.
         self.tok.encode_special_tokens = True
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = self._find(eos_token, EOS_CANDIDATES, "end-of-document")
+        self.eos_id = self._find(eos_token or configured_eos(self.path.parent), EOS_CANDIDATES, "end-of-document")
         self.bos_id = self.tok.token_to_id(SPECIAL_TOKENS["bos"])
         self.pad_id = self.tok.token_to_id(SPECIAL_TOKENS["pad"])
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
@@ -50,8 +81,8 @@ class TextTokenizer:
             idx = self.tok.token_to_id(name)
             if idx is not None:
                 return idx
-        raise ValueError(f"{self.path} has no {what} token (looked for {', '.join(names)}); "
-                         "name it with --eos-token")
+        raise ValueError(f"{self.path} has no {what} token (looked for {', '.join(names)}); name it with "
+                         "--eos-token (liquid data prepare, liquid eval) or data.eos_token (liquid pretrain)")
 
     @property
     def padded_vocab_size(self) -> int:

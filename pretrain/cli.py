@@ -96,7 +96,8 @@ def _cmd_prepare(args) -> int:
     ray_init = None if args.no_ray else ray_init_kwargs(args.ray_address)
     summary = prepare(args.input, args.output, args.tokenizer, text_field=args.text_field,
                       block_tokens=args.block_tokens, ray_init=ray_init, use_ray=not args.no_ray,
-                      overwrite=args.overwrite, skip_bad=args.skip_bad_files, task_mb=args.task_mb)
+                      overwrite=args.overwrite, skip_bad=args.skip_bad_files, task_mb=args.task_mb,
+                      eos_token=args.eos_token)
     print(summary_line(summary))
     return 0
 
@@ -122,6 +123,9 @@ def _add_data_parsers(sub) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS, help="tokens per MDS sample")
+    p.add_argument("--eos-token", default=None,
+                   help="the tokenizer's end-of-document token, when it is none of the usual names "
+                        "(<|endoftext|>, </s>, ...) and no tokenizer_config.json beside it names one")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local one)")
     p.add_argument("--no-ray", action="store_true", help="run in this process (small inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
@@ -161,7 +165,7 @@ def _cmd_eval(args) -> int:
     from checkpoints.evaluate import evaluate, result_line
 
     res = evaluate(args.source, args.input, step=args.step, seq_len=args.seq_len, batch_size=args.batch_size,
-                   device=args.device, text_field=args.text_field)
+                   device=args.device, text_field=args.text_field, eos_token=args.eos_token)
     print(result_line(res))
     return 0
 
@@ -187,6 +191,8 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--eos-token", default=None,
+                   help="the end-of-document token, if the source's tokenizer does not name it")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -107,6 +107,7 @@ class DataConfig:
     # The embedded corpus (used when neither path nor streams is set):
     corpus_max_mb: float = 8.0
     tokenizer: Optional[str] = None  # an existing tokenizer.json; None = train one on the corpus
+    eos_token: Optional[str] = None  # its end-of-document token when not a usual name (data_pipeline/tokenizer.py)
     tokenizer_vocab_size: int = 2048
 
 

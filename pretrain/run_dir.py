@@ -104,10 +104,19 @@ class RunDir:
     def tokenizer_file(self) -> Path:
         return self.tokenizer_dir / TOKENIZER_FILE
 
-    def copy_tokenizer(self, source) -> Path:
-        """Keep a copy of the run's tokenizer here: export and eval read it even after the data is gone."""
+    def copy_tokenizer(self, source, eos_token: str | None = None) -> Path:
+        """Keep a copy of the run's tokenizer here: export and eval read it even after the data is gone.
+        The end-of-document token goes with it (tokenizer_config.json): `eos_token` (data.eos_token) or the
+        one the source's own tokenizer_config.json names."""
+        from data_pipeline.tokenizer import CONFIG_FILE, configured_eos, write_eos_config
+
         self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, self.tokenizer_file)
+        eos = eos_token or configured_eos(Path(source).parent)
+        if eos:
+            write_eos_config(self.tokenizer_dir, eos)
+        else:
+            (self.tokenizer_dir / CONFIG_FILE).unlink(missing_ok=True)
         return self.tokenizer_file
 
     @property

@@ -107,7 +107,7 @@ def open_data(cfg, run: RunDir, topology):
         specs, tokenizer = stream_specs(cfg.data)
         tokenizer = tokenizer or cfg.data.tokenizer or _dataset_tokenizer(specs, os.path.expanduser(cfg.data.cache_dir))
         if topology.rank == 0 and tokenizer:
-            run.copy_tokenizer(tokenizer)
+            run.copy_tokenizer(tokenizer, cfg.data.eos_token)
     barrier()
     t = cfg.train
     record = None
