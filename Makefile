@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The defaults run the tiny preset; pass ARGS for a preset and overrides, e.g. make pretrain ARGS="tiny train.max_steps=50"
+# The defaults run the tiny preset; pass ARGS for a preset and overrides, e.g.
+# make pretrain ARGS="tiny train.max_steps=50 run.name=tiny-50"
 ARGS ?=
 
 .PHONY: pretrain test venv bench clean golden-losses
