@@ -16,6 +16,7 @@ METRICS = "metrics.jsonl"         # one record per logged step (rank 0)
 SUMMARY = "summary.json"          # written by rank 0 when the run ends
 TOKENIZER_DIR = "tokenizer"       # tokenizer/tokenizer.json: export and eval read it here
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # the end-of-document token, when given (data.eos_token)
 WORKERS = "workers"               # workers/rank{R}.json: each rank's status
 CHECKPOINTS = "checkpoints"       # step directories (checkpoints/manager.py owns what is inside) and...
 LATEST = "latest"                 # ...checkpoints/latest, the name of the newest complete one
@@ -106,17 +107,15 @@ class RunDir:
 
     def copy_tokenizer(self, source, eos_token: str | None = None) -> Path:
         """Keep a copy of the run's tokenizer here: export and eval read it even after the data is gone.
-        The end-of-document token goes with it (tokenizer_config.json): `eos_token` (data.eos_token) or the
-        one the source's own tokenizer_config.json names."""
-        from data_pipeline.tokenizer import CONFIG_FILE, configured_eos, write_eos_config
-
+        `eos_token` (the end-of-document token, when the tokenizer does not use a usual name) goes with it
+        in tokenizer_config.json, where data_pipeline.tokenizer.TextTokenizer looks for it."""
         self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, self.tokenizer_file)
-        eos = eos_token or configured_eos(Path(source).parent)
-        if eos:
-            write_eos_config(self.tokenizer_dir, eos)
+        config = self.tokenizer_dir / TOKENIZER_CONFIG_FILE
+        if eos_token:
+            write_json_atomic(config, {"eos_token": eos_token})
         else:
-            (self.tokenizer_dir / CONFIG_FILE).unlink(missing_ok=True)
+            config.unlink(missing_ok=True)
         return self.tokenizer_file
 
     @property

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from checkpoints.manager import CheckpointManager
 from data_pipeline.dataset import build_dataset, stream_specs
+from data_pipeline.tokenizer import configured_eos
 from parallel.collectives import barrier
 from parallel.engine import build_engine
 from parallel.parallelize import parallelize
@@ -107,7 +109,7 @@ def open_data(cfg, run: RunDir, topology):
         specs, tokenizer = stream_specs(cfg.data)
         tokenizer = tokenizer or cfg.data.tokenizer or _dataset_tokenizer(specs, os.path.expanduser(cfg.data.cache_dir))
         if topology.rank == 0 and tokenizer:
-            run.copy_tokenizer(tokenizer, cfg.data.eos_token)
+            run.copy_tokenizer(tokenizer, cfg.data.eos_token or configured_eos(Path(tokenizer).parent))
     barrier()
     t = cfg.train
     record = None

@@ -56,7 +56,8 @@ def test_run_directory_copy_keeps_the_eos(odd_tokenizer, tmp_path):
     run.path.mkdir()
     run.copy_tokenizer(odd_tokenizer, EOS)
     assert TextTokenizer(run.tokenizer_dir).tok.id_to_token(TextTokenizer(run.tokenizer_dir).eos_id) == EOS
-    run.copy_tokenizer(odd_tokenizer)  # without one, no stale record is left behind
+    run.copy_tokenizer(odd_tokenizer)  # without one, no stale record is left behind (the worker passes
+    # data.eos_token, else the source's tokenizer_config.json's)
     with pytest.raises(ValueError, match="--eos-token"):
         TextTokenizer(run.tokenizer_dir)
 
