@@ -125,10 +125,6 @@ def _reverse_recurrence_(a, g):
         gc[:, :, t].addcmul_(ac[:, :, t + 1], gc[:, :, t + 1])
 
 
-def _sum_channels(x):
-    return x if x.shape[-1] == 1 else x.sum(-1, keepdim=True)
-
-
 class _ElementwiseScan(torch.autograd.Function):
     """The recurrence when key_dim is 1: S_t = a_t S_{t-1} + k_t v_t per channel (a scalar state per
     head and value channel), y_t = q_t S_t, a_t = exp(log_decay_t). Forward and backward are each one
@@ -157,21 +153,25 @@ class _ElementwiseScan(torch.autograd.Function):
         gh = q * gy
         gh[:, -1] += g_final
         _reverse_recurrence_(a, gh)  # gh_t: dL/dS_t through y_t and every later state
+        grad_h0 = a[:, 0] * gh[:, 0] if h0 is not None and ctx.needs_input_grad[4] else None
         grad_a = torch.empty_like(a)  # dL/da_t = sum over channels of gh_t S_{t-1}
-        if h.shape[-1] == 1:
-            torch.mul(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
-        else:
-            torch.sum(gh[:, 1:] * h[:, :-1], -1, keepdim=True, out=grad_a[:, 1:])
         if h0 is not None:
             torch.sum(gh[:, 0] * h0, -1, keepdim=True, out=grad_a[:, 0])
         else:
             grad_a[:, 0] = 0
-        grad_h0 = a[:, 0] * gh[:, 0] if h0 is not None and ctx.needs_input_grad[4] else None
+        # The products below write into memory this call already owns where they can (h is its own, saved or
+        # recomputed, never seen by the caller; gh's last use is grad_v): on a CPU a fresh tensor of their
+        # size costs page faults worth several passes over it.
+        if h.shape[-1] == 1:
+            torch.mul(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+            grad_q = h.mul_(gy)
+            grad_k = gh * v
+        else:
+            scratch = torch.empty_like(h)
+            torch.sum(torch.mul(gh[:, 1:], h[:, :-1], out=scratch[:, 1:]), -1, keepdim=True, out=grad_a[:, 1:])
+            grad_q = h.mul_(gy).sum(-1, keepdim=True)
+            grad_k = torch.mul(gh, v, out=scratch).sum(-1, keepdim=True)
         grad_ld = grad_a.mul_(a)[..., 0]  # d a / d log_decay = a
-        grad_k = _sum_channels(gh * v)
-        # The last uses of h and gh write in place (fresh tensors of their size cost page faults); h is
-        # this call's own (saved, or recomputed), never seen by the caller.
-        grad_q = h.mul_(gy) if h.shape[-1] == 1 else (gy * h).sum(-1, keepdim=True)
         grad_v = gh.mul_(k)
         return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
 
