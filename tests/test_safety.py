@@ -9,10 +9,12 @@ or the output.
     listen on loopback, the collective timeout holds, and a real 2-worker training exposes no socket.
 """
 import json
+import shutil
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -160,7 +162,10 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint, monkeypatch):
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint, monkeypatch, launcher):
+    """One process (launcher local), and 2 workers on a local Ray cluster started by the run (its session
+    directory, logs included, under a scratch RAY_TMPDIR that is searched too, as is run_dir/ray/)."""
     import boto3
     import numpy as np
 
@@ -189,19 +194,32 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     # A real run in a fresh process; every place it writes to is under tmp_path.
     run_dir, cache, scratch = tmp_path / "run", tmp_path / "cache", tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, **creds, "LIQUID_CACHE": str(cache / "liquid"), "TMPDIR": str(scratch)}
+    # Ray's session directory (sockets, logs): a short path, whatever the checkout's (unix sockets' limit).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    env = {**os.environ, **creds, "LIQUID_CACHE": str(cache / "liquid"), "TMPDIR": str(scratch),
+           "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    workers = 2 if launcher == "ray" else 1
     args = [sys.executable, "-m", "pretrain.cli", "pretrain", "tiny", f"data.path={url}",
-            f"data.tokenizer={tokenizer}", f"data.cache_dir={cache / 'streaming'}", "parallel.dp=1",
-            "parallel.ep=1", "cluster.num_workers=1", "train.max_steps=3", "train.seq_len=64",
-            "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_interval=1", "model.vocab_size=512",
-            f"run.dir={run_dir}", "checkpoint.export=false"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output.decode(errors="replace")[-5000:]
+            f"data.tokenizer={tokenizer}", f"data.cache_dir={cache / 'streaming'}", f"parallel.dp={workers}",
+            "parallel.ep=1", f"cluster.num_workers={workers}", f"cluster.launcher={launcher}", "train.max_steps=3",
+            "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_interval=1",
+            "model.vocab_size=512", f"run.dir={run_dir}", "checkpoint.export=false"]
+    try:
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output.decode(errors="replace")[-5000:]
+        if launcher == "ray":
+            assert list((run_dir / "ray").iterdir()), "Ray Train wrote nothing under run_dir/ray"
+            logs = [p for p in ray_tmp.rglob("*") if p.is_file() and "logs" in p.parts]
+            assert logs, f"no Ray session logs under {ray_tmp}"
+            assert not _files_containing(ray_tmp, [secret.encode(), key_id.encode()])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     # The run really read the remote shards with those credentials and wrote what a run writes.
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["checkpoints"] == ["step_00000003"]
+    assert summary["steps"] == 3 and summary["checkpoints"] == ["step_00000003"] and summary["world"] == workers
     assert any(p.name.startswith("shard.") for p in (cache / "streaming").rglob("*"))
     assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
     assert url in (run_dir / "config.yaml").read_text()
@@ -327,6 +345,7 @@ def test_loopback_torch_config_refuses_a_cluster_beyond_one_loopback_node(monkey
 # Until cluster/launch.py selects the config itself: the CLI with Ray Train's TorchConfig replaced.
 _LOOPBACK_DRIVER = r"""
 import sys
+import tempfile
 import ray.train.torch
 from cluster.torch_backend import torch_config
 
