@@ -141,7 +141,8 @@ def _add_data_parsers(sub) -> None:
 # `liquid bench NAME ...`: NAME -> "module:function" taking the rest of the command line (imported when run).
 BENCHMARKS = {"scan": "pretrain.bench.scan:main_scan", "data": "pretrain.bench.data:main_data",
               "step": "pretrain.bench.step:main_step", "checkpoint": "pretrain.bench.checkpoint:main_checkpoint",
-              "gpu": "pretrain.bench.gpu:main_gpu"}
+              "gpu": "pretrain.bench.gpu:main_gpu", "hf": "pretrain.bench.hf:main_hf",
+              "loss": "pretrain.bench.loss:main_loss"}
 
 
 def _cmd_bench(args) -> int:

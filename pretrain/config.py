@@ -72,6 +72,9 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    # Tokens per slice of the head's cross-entropy (pretrain/model/loss.py): the [tokens, vocab] logits are never
+    # held whole in training; 0 = off (the plain head: all logits, then F.cross_entropy).
+    loss_chunk_tokens: int = 4096
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -152,6 +155,8 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     # none | selective (recompute each mixer in backward) | full (recompute each block): pretrain/model/model.py Block
     activation_checkpointing: str = "none"
+    # torch.compile each model block (pretrain/model/model.py LiquidLM.compile_blocks); the first steps compile
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> None:
     _require(a.head_dim % 2 == 0, "model.attention.head_dim", "must be even for RoPE")
     _require(m.vocab_size > 0 and m.d_model > 0 and m.num_layers > 0, "model", "vocab_size, d_model and num_layers must be > 0")
     _require(m.mtp_depth >= 0, "model.mtp_depth", "must be >= 0")
+    _require(m.loss_chunk_tokens >= 0, "model.loss_chunk_tokens",
+             f"must be >= 0 (0: the plain head), got {m.loss_chunk_tokens}")
     _require(t.seq_len > 0, "train.seq_len", "must be > 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
     per_step = t.micro_batch_size * p.dp
@@ -300,6 +307,7 @@ def validate(cfg: Config) -> None:
     _require(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", f"must be auto, fp32 or bf16, got '{t.dtype}'")
     _require(t.activation_checkpointing in ("none", "selective", "full"), "train.activation_checkpointing",
              f"must be none, selective or full, got '{t.activation_checkpointing}'")
+    _require(isinstance(t.compile, bool), "train.compile", f"must be true or false, got {t.compile!r}")
     o = cfg.optim
     _require(o.schedule in ("cosine", "constant", "wsd"), "optim.schedule", f"must be cosine, constant or wsd, got '{o.schedule}'")
     _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")

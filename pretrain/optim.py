@@ -57,12 +57,21 @@ def lr_lambda(optim_cfg, max_steps: int):
     return fn
 
 
+def _fused_ok(groups) -> bool:
+    """torch's fused AdamW (one kernel over all tensors instead of ~8 ops per parameter; the same update
+    up to the last bits) where it has one: floating parameters, all on the CPU or all on one CUDA device."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device.type for p in params}
+    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
 def build_optimizer(model, optim_cfg, max_steps: int, *, master: dict | None = None):
     """AdamW over the model's groups and its schedule; `master` maps a parameter to the tensor the
     optimizer updates in its place (an fp32 master copy of a bf16 weight)."""
     master = master or {}
     groups = [{**g, "params": [master.get(p, p) for p in g["params"]]}
               for g in param_groups(model, optim_cfg.weight_decay)]
-    opt = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+    opt = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                            fused=_fused_ok(groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim_cfg, max_steps))
     return opt, sched

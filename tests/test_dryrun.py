@@ -105,9 +105,10 @@ def test_an_imbalanced_expert_costs_memory_on_its_rank():
 
 def test_cli_json_and_a_layout_that_does_not_fit():
     """A CUDA layout over the H100's memory: exit 1, the overflowing line named with the fix to try."""
-    # The head's loss peaks at 12 bytes x vocab per token: 103 GB at 131,072 tokens of a 65,536 vocabulary.
+    # The plain head's loss peaks at 12 bytes x vocab per token: 103 GB at 131,072 tokens of a 65,536
+    # vocabulary (model.loss_chunk_tokens=0; the chunked loss holds one chunk's logits).
     big = ["train.device=cuda", "train.dtype=bf16", "model.vocab_size=65536", "train.seq_len=16384",
-           "train.micro_batch_size=8", "train.global_batch_size=16"]
+           "train.micro_batch_size=8", "train.global_batch_size=16", "model.loss_chunk_tokens=0"]
     out = run_cli("dryrun", "tiny", *big, "--json")
     assert out.returncode == 1, out.stderr[-2000:]
     rep = json.loads(out.stdout)

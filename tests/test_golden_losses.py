@@ -7,9 +7,9 @@ import json
 
 from tests.golden_losses import DATA_OVERRIDE, GOLDEN_FILE, OVERRIDES, PRESET, REGENERATE, golden_losses
 
-# Losses are ~5-6: 1e-6 is exact up to the last-bit differences between CPU vector units; an intended
-# numerical change moves them far more.
-ATOL = 1e-6
+# Losses are ~5-6: 1e-5 is exact up to the last-bit differences between CPU vector units, accumulated over
+# 10 steps; an intended numerical change moves them far more (the chunked head loss: up to 1.6e-3).
+ATOL = 1e-5
 
 
 def test_tiny_cpu_losses_match_the_golden_file(tmp_path):

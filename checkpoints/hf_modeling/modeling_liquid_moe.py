@@ -20,6 +20,7 @@ from .liquid_layers import RMSNorm  # noqa: F401
 from .liquid_scan import liquid_scan  # noqa: F401
 from .liquid_mixers import build_mixer  # noqa: F401
 from .liquid_ffn import build_ffn  # noqa: F401
+from .liquid_loss import linear_cross_entropy_sum  # noqa: F401
 from .liquid_model import LiquidLM
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 
 class DenseFFN(nn.Module):
@@ -39,13 +40,15 @@ class Experts(nn.Module):
     def forward(self, x_sorted, counts):
         """x_sorted [tokens, d] grouped by expert; counts [E] (python ints or a tensor) -> [tokens, d].
 
-        Where `torch._grouped_mm` has a real kernel (CUDA, bf16 compute, see `_grouped_mm_dtype`) the
+        Where `torch._grouped_mm` runs (CUDA bf16 compute, CPU fp32; see `_grouped_mm_dtype`) the
         experts run as three grouped GEMMs over per-expert offsets (no host sync on `counts`); otherwise
-        as a Python loop over experts. Both give the same results.
+        as a Python loop over experts. Both give the same results (under torch.compile the CPU's grouped
+        path runs eagerly: its fp32 kernel has no meta implementation).
         """
         compute_dtype = _grouped_mm_dtype(x_sorted, self.w1)
         if compute_dtype is not None and x_sorted.shape[0]:  # no tokens: the loop's empty result
-            return _grouped_experts(x_sorted, counts, self.w1, self.w3, self.w2, compute_dtype)
+            grouped = _grouped_experts_cpu if x_sorted.device.type == "cpu" else _grouped_experts
+            return grouped(x_sorted, counts, self.w1, self.w3, self.w2, compute_dtype)
         counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
         outs, start = [], 0
         for e, n in enumerate(counts):
@@ -60,11 +63,21 @@ def _grouped_mm_dtype(x, w):
     """The dtype the grouped-GEMM path computes in for these inputs, or None to use the loop.
 
     `torch._grouped_mm` is documented for bf16 on CUDA with SM >= 80 (its meta/compile checks accept
-    only bf16, and fp16 on a few cuBLASLt builds); elsewhere (CPU, fp32) it is a per-group fallback
-    at best, so the loop is kept. Under CUDA autocast the loop's F.linear computes in the autocast
+    only bf16, and fp16 on a few cuBLASLt builds). On the CPU its fallback (a C++ loop of mm per group)
+    is used for fp32: the loop's outputs bit for bit, without the per-expert Python, slicing and the
+    zero-filled gradients of weight slices (CUDA fp32 keeps the loop). Under CUDA autocast the loop's F.linear computes in the autocast
     dtype, so that dtype is what counts. Operand rows must be 16-byte aligned (d and hidden % 8 in bf16).
     """
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda" or w.device != x.device:
+    if not hasattr(torch, "_grouped_mm") or w.device != x.device:
+        return None
+    if x.device.type == "cpu":
+        # The CPU's grouped_mm is a C++ loop of mm over the groups: the loop's numbers without its
+        # per-expert Python and host read of the counts. fp32 only (no CPU autocast), rows 16-byte aligned.
+        if (not _CPU_GROUPED_MM or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 or w.dtype != x.dtype
+                or is_fake(x) or is_fake(w)):  # no fake/meta kernel: a dry run (FakeTensorMode) takes the loop
+            return None
+        return x.dtype if all(n % 4 == 0 for n in w.shape[-2:]) else None
+    if x.device.type != "cuda":
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     if dtype != torch.bfloat16 or (not torch.is_autocast_enabled("cuda") and w.dtype != dtype):
@@ -74,6 +87,19 @@ def _grouped_mm_dtype(x, w):
     hidden, d = w.shape[-2:]
     align = 16 // dtype.itemsize
     return dtype if d % align == 0 and hidden % align == 0 else None
+
+
+def _cpu_grouped_mm_works() -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        torch._grouped_mm(torch.ones(2, 8), torch.ones(1, 8, 8).transpose(-2, -1), offs=torch.tensor([2], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+_CPU_GROUPED_MM = _cpu_grouped_mm_works()
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -109,6 +135,10 @@ def _grouped_experts(x_sorted, counts, w1, w3, w2, dtype):
             x, w3.transpose(-2, -1), offs=offs)
         out = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
     return _ContiguousGrad.apply(out)
+
+
+# The CPU's fp32 grouped_mm has no meta kernel (its checks accept bf16 only), so torch.compile runs it eagerly.
+_grouped_experts_cpu = torch.compiler.disable(_grouped_experts)
 
 
 class Router(nn.Module):
@@ -181,8 +211,13 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)  # slot (token * k + j) at each sorted row
         # A token's k copies by expand and a permutation: unlike gathering rows by token id, neither has a
         # scatter-add in its backward, so gradients are deterministic on CUDA too.
-        slots_in = flat.unsqueeze(1).expand(-1, idx.shape[1], -1).reshape(-1, flat.shape[-1])
-        out_sorted = self.experts(slots_in[order], counts)
+        if flat.device.type == "cpu":
+            # On the CPU one gather by token id (its backward's index_put accumulates serially, in a fixed
+            # order, and for top_k <= 2 to the same sums) instead of materialising the k copies first.
+            x_sorted = flat[order // idx.shape[1]]
+        else:
+            x_sorted = flat.unsqueeze(1).expand(-1, idx.shape[1], -1).reshape(-1, flat.shape[-1])[order]
+        out_sorted = self.experts(x_sorted, counts)
         y = combine_top_k(out_sorted, order, weights, dtype=flat.dtype)
         return y.view(shape), self._aux_loss(logits, scores, counts)
 

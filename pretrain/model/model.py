@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 
 from pretrain.model.ffn import MoE, build_ffn
 from pretrain.model.layers import RMSNorm
+from pretrain.model.loss import linear_cross_entropy_sum
 from pretrain.model.mixers import build_mixer
 
 IGNORE_INDEX = -100
@@ -73,22 +74,39 @@ class Block(nn.Module):
         self.mixer = build_mixer(mixer_kind, cfg.d_model, cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(ffn_kind, cfg.d_model, cfg)
+        self._compiled = None  # compile_body(): torch.compile'd _block, _mix and _ffn
+
+    def compile_body(self, **compile_kwargs) -> "Block":
+        """torch.compile the block's computation (train.compile): the whole block, or under "selective"
+        checkpointing its mixer part and FFN part apart (the recompute wraps the compiled mixer). Parameters,
+        buffers and state_dict names are untouched; the first calls compile (and again when the MoE's token
+        counting is paused for a recompute)."""
+        self._compiled = {name: torch.compile(getattr(self, name), **compile_kwargs)
+                          for name in ("_block", "_mix", "_ffn")}
+        return self
+
+    def _fn(self, name: str):
+        return self._compiled[name] if self._compiled is not None else getattr(self, name)
 
     def forward(self, h, *, doc_start=None, dt=None):
         if self.checkpointing == "full" and torch.is_grad_enabled():
-            return self._recomputed(self._block, h, doc_start, dt)
-        return self._block(h, doc_start, dt)
+            return self._recomputed(self._fn("_block"), h, doc_start, dt)
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            h = h + self._recomputed(self._fn("_mix"), h, doc_start, dt)
+            y, aux = self._fn("_ffn")(h)
+            return h + y, aux
+        return self._fn("_block")(h, doc_start, dt)
 
     def _block(self, h, doc_start, dt):
-        if self.checkpointing == "selective" and torch.is_grad_enabled():
-            h = h + self._recomputed(self._mix, h, doc_start, dt)
-        else:
-            h = h + self._mix(h, doc_start, dt)
-        y, aux = self.ffn(self.ffn_norm(h))
+        h = h + self._mix(h, doc_start, dt)
+        y, aux = self._ffn(h)
         return h + y, aux
 
     def _mix(self, h, doc_start, dt):
         return self.mixer(self.mixer_norm(h), doc_start=doc_start, dt=dt)
+
+    def _ffn(self, h):
+        return self.ffn(self.ffn_norm(h))
 
     def _recomputed(self, fn, *args):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
@@ -179,6 +197,17 @@ class LiquidLM(nn.Module):
     def head(self, h):
         return F.linear(self.norm(h), self.embed.weight)  # tied embeddings
 
+    def head_loss_sum(self, h, labels, *, chunked: bool = True):
+        """Sum of the token cross-entropies of head(h) against labels (fp32; ignored labels add 0). With
+        model.loss_chunk_tokens > 0 (and `chunked`) a slice of tokens at a time, so the [batch, seq, vocab]
+        logits never exist whole (pretrain/model/loss.py); else the plain head and F.cross_entropy."""
+        chunk = getattr(self.cfg, "loss_chunk_tokens", 0)
+        if chunked and chunk:
+            return linear_cross_entropy_sum(self.norm(h), self.embed.weight, labels, chunk_tokens=chunk,
+                                            ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(self.head(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
     def forward(self, input_ids, *, labels=None, doc_start=None, dt=None, return_logits=None):
         """input_ids, labels [batch, seq]; doc_start bool [batch, seq]; dt float [batch, seq]."""
         h = self.embed(input_ids)
@@ -187,25 +216,29 @@ class LiquidLM(nn.Module):
             h, layer_aux = layer(h, doc_start=doc_start, dt=dt)
             aux = aux + layer_aux
         want_logits = labels is None if return_logits is None else return_logits
-        logits = self.head(h)
         if labels is None:
-            return ModelOutput(None, None, None, aux, logits)
+            return ModelOutput(None, None, None, aux, self.head(h))
         counts = label_counts(labels, len(self.mtp))
-        lm_loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                      reduction="sum")
+        # Logits asked for: the plain head (they exist whole anyway); else the chunked loss when configured.
+        logits = self.head(h) if want_logits else None
+        if logits is not None:
+            lm_loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                          reduction="sum")
+        else:
+            lm_loss_sum = self.head_loss_sum(h, labels)
         lm_loss = lm_loss_sum / counts[0]
         mtp_loss = mtp_loss_sums = None
         if self.mtp:
-            mtp_loss_sums = self._mtp_loss_sums(h, labels, doc_start, dt)
+            mtp_loss_sums = self._mtp_loss_sums(h, labels, doc_start, dt, chunked=not want_logits)
             mtp_loss = (mtp_loss_sums / counts[1:]).mean()
         loss = lm_loss + aux
         if mtp_loss is not None:
             loss = loss + self.cfg.mtp_loss_weight * mtp_loss
-        return ModelOutput(loss, lm_loss, mtp_loss, aux, logits if want_logits else None, lm_loss_sum, mtp_loss_sums)
+        return ModelOutput(loss, lm_loss, mtp_loss, aux, logits, lm_loss_sum, mtp_loss_sums)
 
-    def _mtp_loss_sums(self, h, labels, doc_start, dt):
+    def _mtp_loss_sums(self, h, labels, doc_start, dt, *, chunked: bool = True):
         """Depth d predicts labels shifted d further: token t+1+d from position t. Returns [depth] sums of
-        the token cross-entropies (their counts: `label_counts`)."""
+        the token cross-entropies (their counts: `label_counts`), by `head_loss_sum` (`chunked`: see there)."""
         losses = []
         for d, module in enumerate(self.mtp, start=1):
             # The input at t+d is labels[t+d-1]; positions past the row end get an ignored target.
@@ -213,9 +246,7 @@ class LiquidLM(nn.Module):
             emb = self.embed(nxt.clamp_min(0))
             h = module(h, emb, doc_start=doc_start, dt=dt)
             target = torch.cat([labels[:, d:], labels.new_full((labels.shape[0], d), IGNORE_INDEX)], 1)
-            logits = self.head(h)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                          reduction="sum"))
+            losses.append(self.head_loss_sum(h, target, chunked=chunked))
         return torch.stack(losses)
 
     @torch.no_grad()
@@ -240,6 +271,14 @@ class LiquidLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Block):
                 module.checkpointing = mode
+        return self
+
+    def compile_blocks(self, **compile_kwargs) -> "LiquidLM":
+        """torch.compile every block (train.compile), the multi-token-prediction ones included: see
+        Block.compile_body. The embedding, head and loss stay eager."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.compile_body(**compile_kwargs)
         return self
 
     def moe_layers(self) -> list[MoE]:

@@ -353,7 +353,7 @@ def _layout(cfg, topology) -> dict:
     t, p = cfg.train, cfg.parallel
     return {"world": topology.world, "rank": topology.rank, "cp_rank": topology.cp_rank, "dp": p.dp, "ep": p.ep, "cp": p.cp,
             "zero_stage": p.zero_stage, "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
-            "activation_checkpointing": t.activation_checkpointing}
+            "activation_checkpointing": t.activation_checkpointing, "loss_chunk_tokens": cfg.model.loss_chunk_tokens}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -427,6 +427,8 @@ def advice(lines: dict, budget: float, layout: dict) -> str:
                       f"more expert parallelism, parallel.ep (now {layout['ep']})"],
         "communication": ["a smaller DeepSpeed reduce bucket"],
     }[biggest]
+    if biggest == "activations" and layout.get("loss_chunk_tokens", 1) == 0:
+        fixes.append("the chunked head loss, model.loss_chunk_tokens=4096 (now 0: all the logits at once)")
     return (f"{over / GIB:.1f} GiB over the budget; the largest line is {biggest} "
             f"({parts[biggest] / GIB:.1f} GiB); try " + "; or ".join(fixes))
 
@@ -435,7 +437,8 @@ def format_report(rep: dict) -> str:
     lay = rep["layout"]
     head = (f"{rep['config']}: rank {lay['rank']} of {lay['world']} (dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} "
             f"zero={lay['zero_stage']}), micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens, "
-            f"activation_checkpointing={lay['activation_checkpointing']}, {rep['device']} {rep['dtype']}")
+            f"activation_checkpointing={lay['activation_checkpointing']}, "
+            f"loss_chunk_tokens={lay.get('loss_chunk_tokens', 0)}, {rep['device']} {rep['dtype']}")
     rows = [head, f"{'':16}{'dry run':>12}{'plan':>12}{'ratio':>8}"]
     for line in LINES:
         v = rep["lines"][line]

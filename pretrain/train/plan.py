@@ -18,13 +18,14 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
                      checkpointing: str = "none", attention: str = "fused", cp: int = 1) -> int:
     """Peak activation bytes of one micro-batch (forward activations plus backward temporaries) under
     train.activation_checkpointing, from the tensors the code saves for backward, counted per token in
-    `_layer_bytes_per_token` and `_head_bytes_per_token` (read off `liquid dryrun`'s saved tensors at the
+    `_layer_bytes_per_token` and `head_bytes` (read off `liquid dryrun`'s saved tensors at the
     preset widths; `dtype_bytes` is the autocast dtype's size: 2 for bf16, 4 for fp32).
 
     none keeps every layer's tensors; selective keeps each block's input, its FFN norm and FFN, and
     backward holds one recomputed mixer at a time; full keeps each block's input and one recomputed block.
-    On top comes the larger of the head's peak (logits, their fp32 copy, the log-softmax and its gradient,
-    at the end of the forward) and the largest recomputed region (in backward, after the head is freed).
+    On top comes the larger of the head's peak (`head_bytes`: all the logits, their fp32 copy, the
+    log-softmax and its gradient; or with model.loss_chunk_tokens one chunk's, at the end of the forward) and
+    the largest recomputed region (in backward, after the head is freed).
     `seq_len` is this rank's slice; with `cp` > 1 every attention layer also keeps the K/V it gathered
     from the whole row (the context-parallel all-gather's buffer).
     attention "blocks" (the CPU path) also keeps each block of queries' mask over its keys, in fp32.
@@ -41,13 +42,12 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
     if checkpointing not in kept:
         raise ValueError(f"activation checkpointing must be one of {sorted(kept)}, got '{checkpointing}'")
     always, recomputed = kept[checkpointing]()
-    # The head's peak comes at the end of the forward, before backward recomputes anything.
-    total = always + max(_head_bytes_per_token(cfg, D), recomputed)
     if attention == "blocks":
-        a = cfg.attention
         layers = sum(1 for t in cfg.layer_types() if t == "attention")
-        total += layers * 4 * min(seq_len, 2048)  # the block's boolean mask, saved as fp32 by the CPU kernel
-    return micro_batch * seq_len * total
+        always += layers * 4 * min(seq_len, 2048)  # the block's boolean mask, saved as fp32 by the CPU kernel
+    tokens = micro_batch * seq_len
+    # The head's peak comes at the end of the forward, before backward recomputes anything.
+    return tokens * always + max(head_bytes(cfg, tokens, D), tokens * recomputed)
 
 
 def _norm_bytes(width: int) -> int:
@@ -55,11 +55,25 @@ def _norm_bytes(width: int) -> int:
     return 8 * width + 12
 
 
-def _head_bytes_per_token(cfg, D: int) -> int:
-    """The final norm, the head's input, and the loss's peak: bf16 logits, their fp32 copy and log-softmax,
-    and the log-softmax's gradient (fp32 logits need no copy)."""
-    # bf16: logits 2 + fp32 copy 4 + log-softmax 4 + its gradient 2 at the peak; fp32: 4 + 4 + 4 (no copy)
-    return _norm_bytes(cfg.d_model) + D * cfg.d_model + 12 * cfg.vocab_size
+def head_bytes(cfg, tokens: int, D: int) -> int:
+    """The head's peak over a micro-batch of `tokens` (this rank's): the final norm, and
+    - plain head (model.loss_chunk_tokens=0): the head's input and the loss over all tokens at once: bf16
+      logits, their fp32 copy and log-softmax, the log-softmax's gradient (fp32 logits need no copy);
+    - chunked (pretrain/model/loss.py): per token the gradient of the head's input (kept to backward) and,
+      under bf16, the input's bf16 copy; the weight's fp32 gradient accumulator ([vocab, d]; under bf16 also
+      the weight's bf16 copy); and the larger of one chunk's fp32 logits and log-softmax (which becomes their
+      gradient in place), 8 bytes x vocab per token of min(chunk, tokens), and (bf16) the chunk's bf16
+      logit gradient with its bf16 weight gradient before the fp32 sum.
+    `liquid dryrun` measures the real code (either path)."""
+    d, V = cfg.d_model, cfg.vocab_size
+    chunk = getattr(cfg, "loss_chunk_tokens", 0)
+    if not chunk:
+        # bf16: logits 2 + fp32 copy 4 + log-softmax 4 + its gradient 2 at the peak; fp32: 4 + 4 + 4 (no copy)
+        return tokens * (_norm_bytes(d) + D * d + 12 * V)
+    c = min(chunk, tokens)
+    copies = 1 if D < 4 else 0  # the bf16 casts (fp32: none)
+    kept = tokens * (_norm_bytes(d) + D * d * (1 + copies)) + V * d * (4 + D * copies)
+    return kept + max(8 * c * V, copies * D * (c * V + V * d))
 
 
 def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1) -> tuple[int, int]:
@@ -197,7 +211,7 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
         "flops_per_token": fpt,
         "layout": {"dp": p.dp, "ep": p.ep, "cp": p.cp, "zero_stage": p.zero_stage,
                    "micro_batch": t.micro_batch_size, "seq_len": t.seq_len,
-                   "activation_checkpointing": t.activation_checkpointing},
+                   "activation_checkpointing": t.activation_checkpointing, "loss_chunk_tokens": m.loss_chunk_tokens},
         "memory_gib_per_rank": {k: round(v / GIB, 2) for k, v in mem.items()},
         "assumed": {"mfu": mfu, "gpus": gpus, "device": device, "peak_flops": peak, "tokens": tokens},
         "tokens_per_s": tokens_per_s,
@@ -221,7 +235,8 @@ def format_plan(plan: dict) -> str:
         f"   (routed experts {_count(plan['params_expert'])})",
         f"FLOPs/token     {plan['flops_per_token'] / 1e9:.2f} GFLOP (training, seq {lay['seq_len']})",
         f"layout          dp={lay['dp']} ep={lay['ep']} cp={lay['cp']} zero={lay['zero_stage']}"
-        f" micro_batch={lay['micro_batch']} activation_checkpointing={lay['activation_checkpointing']}",
+        f" micro_batch={lay['micro_batch']} activation_checkpointing={lay['activation_checkpointing']}"
+        f" loss_chunk_tokens={lay.get('loss_chunk_tokens', 0)}",
         "memory/rank     " + "  ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()),
         f"throughput      {plan['tokens_per_s']:,.0f} tokens/s on {a['gpus']} x {a['device']} at {a['mfu']:.0%} MFU",
         f"time            {plan['days_to_tokens']:.1f} days to {_count(a['tokens'])} tokens",

@@ -54,6 +54,8 @@ def _train(cfg, topology, status: "WorkerStatus", *, progress: bool) -> dict:
     model = parallelize(build_model(cfg.model, device="meta"), topology)  # nothing allocated yet
     model = materialize(model, place.device, seed=cfg.train.seed)  # only what this rank keeps
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # what backward recomputes
+    if cfg.train.compile:
+        compile_blocks(model)  # the blocks, not the engine: DeepSpeed wraps the (compiled-block) model
     engine = engine_for(cfg, model, topology, place)
     checkpoints, start, resumed_from = restore(cfg, run, topology, engine, data, launch_id=launch_id)
     status.running(start.step)
@@ -67,6 +69,12 @@ def _train(cfg, topology, status: "WorkerStatus", *, progress: bool) -> dict:
 
 
 # ---- the stages -------------------------------------------------------------------------------------------
+
+
+def compile_blocks(model):
+    """train.compile: torch.compile each block of the model (LiquidLM.compile_blocks), after activation
+    checkpointing is set (the compiled code follows the block's checkpointing mode)."""
+    return model.compile_blocks()
 
 
 def build_topology_for(cfg):

@@ -289,7 +289,7 @@ def test_liquid_export_round_trip_is_bit_identical(tmp_path, tokenizer):
 
 
 def test_shipped_model_code_is_the_project_source_with_relative_imports():
-    assert sorted(model_sources()) == ["ffn", "layers", "mixers", "model", "scan"]
+    assert sorted(model_sources()) == ["ffn", "layers", "loss", "mixers", "model", "scan"]
     text = "from pretrain.model.layers import (RMSNorm,\n    doc_ids)\nimport torch\n"
     assert "from .liquid_layers import (RMSNorm,\n    doc_ids)\nimport torch\n" in render_model_source(text, "x")
     for bad in ("from pretrain.config import ModelConfig\n", "    import parallel.engine\n"):

@@ -122,11 +122,23 @@ def test_grouped_no_tokens():
         assert y.shape == (0, D) and y.dtype == x.dtype
 
 
-def test_cpu_keeps_the_loop():
+def test_cpu_dispatch_fp32_grouped_equals_loop():
+    """fp32 on the CPU runs the grouped path where torch has a CPU grouped_mm: the loop's outputs exactly,
+    its gradients to fp32 rounding (the weight gradients' GEMMs take other shapes); bf16 on the CPU keeps
+    the loop."""
     ex = make_experts()
-    x = torch.randn(sum(COUNTS), D)
-    assert ffn._grouped_mm_dtype(x, ex.w1) is None
-    torch.testing.assert_close(ex(x, COUNTS), loop_forward(ex, x, COUNTS), rtol=0, atol=0)
+    x = torch.randn(sum(COUNTS), D, requires_grad=True)
+    want = torch.float32 if _grouped_mm_runs_on_cpu() else None
+    assert ffn._grouped_mm_dtype(x, ex.w1) == want
+    assert ffn._grouped_mm_dtype(x.bfloat16(), ex.w1.bfloat16()) is None
+    y = ex(x, torch.tensor(COUNTS))
+    ref = loop_forward(ex, x, COUNTS)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, ex.w1, ex.w3, ex.w2], g)
+    exp = torch.autograd.grad(ref, [x, ex.w1, ex.w3, ex.w2], g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @needs_cuda

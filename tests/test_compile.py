@@ -1,0 +1,50 @@
+"""train.compile: torch.compile of each block gives the eager losses (a few training steps, the smallest model)."""
+import pytest
+import torch
+
+from parallel.engine import build_engine
+from parallel.topology import single_process_topology
+from pretrain.config import load_config
+from pretrain.model.model import Block, build_model
+from pretrain.train.step import Placement, train_step
+from pretrain.train.worker import compile_blocks
+
+# The smallest model of the LFM2 kinds of layer: a conv mixer with a dense FFN, an attention mixer with an MoE
+# (two blocks: the compile is most of the test's time).
+OVERRIDES = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.mixer=conv",
+             "model.attention_layers=[1]", "model.dense_layers=1", "model.dense_dim=32", "model.moe.expert_dim=16",
+             "model.attention.heads=2", "model.attention.kv_heads=2", "model.attention.head_dim=16",
+             "train.seq_len=16", "train.global_batch_size=2", "train.micro_batch_size=2", "train.device=cpu",
+             "train.dtype=fp32", "parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1"]
+STEPS = 2
+
+
+def _losses(cfg, compiled: bool) -> list[float]:
+    topology = single_process_topology()
+    model = build_model(cfg.model, device="cpu", seed=0)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if compiled:
+        compile_blocks(model)
+        assert all(b._compiled is not None for b in model.modules() if isinstance(b, Block))
+    engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=10, grad_accum=1)
+    place = Placement(topology, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1), generator=g)
+        losses.append(train_step(engine, [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}], place).loss)
+    return losses
+
+
+def test_compile_config_key():
+    assert load_config("tiny").train.compile is False
+    assert load_config("tiny", ["train.compile=true"]).train.compile is True
+    with pytest.raises(Exception):
+        load_config("tiny", ["train.compile=sometimes"])
+
+
+def test_compiled_blocks_train_like_eager():
+    cfg = load_config("tiny", OVERRIDES)
+    torch._dynamo.reset()
+    eager, compiled = _losses(cfg, False), _losses(cfg, True)
+    assert compiled == pytest.approx(eager, abs=1e-5, rel=0)
