@@ -18,17 +18,7 @@ ALL_IDLE_BUT_ONE = [0, 0, 0, 9, 0]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _grouped_mm_runs_on_cpu() -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        torch._grouped_mm(torch.ones(2, 8), torch.ones(1, 8, 8).transpose(-2, -1), offs=torch.tensor([2], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-needs_cpu_grouped_mm = pytest.mark.skipif(not _grouped_mm_runs_on_cpu(),
+needs_cpu_grouped_mm = pytest.mark.skipif(not ffn._CPU_GROUPED_MM,
                                           reason="torch._grouped_mm has no CPU fallback in this torch build")
 
 
