@@ -118,7 +118,7 @@ def test_cpu_dispatch_fp32_grouped_equals_loop():
     the loop."""
     ex = make_experts()
     x = torch.randn(sum(COUNTS), D, requires_grad=True)
-    want = torch.float32 if _grouped_mm_runs_on_cpu() else None
+    want = torch.float32 if ffn._CPU_GROUPED_MM else None
     assert ffn._grouped_mm_dtype(x, ex.w1) == want
     assert ffn._grouped_mm_dtype(x.bfloat16(), ex.w1.bfloat16()) is None
     y = ex(x, torch.tensor(COUNTS))
