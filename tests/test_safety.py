@@ -187,8 +187,9 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tokenizer = train_tokenizer(docs, vocab_size=400, out_dir=tmp_path / "tok")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="safety")
-    url = "s3://safety/shards"
+    bucket = f"safety-{launcher}"  # the S3 server is the module's: each case writes its own dataset
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/shards"
     prepare([str(tmp_path / "in")], url, str(tokenizer), block_tokens=513, use_ray=False, progress=False)
 
     # A real run in a fresh process; every place it writes to is under tmp_path.
