@@ -97,6 +97,15 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class PhaseConfig:
+    """One data-mixture phase (data.phases): from its start on, rows are drawn by these proportions."""
+    name: str = ""  # shown in the metrics and in `liquid plan`; default phase<i>
+    start_step: Optional[int] = None  # the first global step of the phase (1-based) ...
+    start_tokens: Optional[int] = None  # ... or the tokens trained before it (rounded up to a whole step)
+    proportions: list[float] = field(default_factory=list)  # one per data.streams entry, in their order
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: Optional[str] = None  # prepared shards (directory or URL); None = the embedded corpus
     streams: list[StreamConfig] = field(default_factory=list)  # several datasets mixed by proportion
@@ -112,6 +121,9 @@ class DataConfig:
     tokenizer: Optional[str] = None  # an existing tokenizer.json; None = train one on the corpus
     eos_token: Optional[str] = None  # its end-of-document token when not a usual name (data_pipeline/tokenizer.py)
     tokenizer_vocab_size: int = 2048
+    # Data-mixture phases (data_pipeline/order.py PhasedOrder): the first starts at step 1; each later one
+    # at its start_step or start_tokens. Empty: the streams' own proportions for the whole run.
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,52 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class EvalStreamConfig:
+    name: str = ""  # logged as val/<name>/loss and val/<name>/perplexity
+    path: str = ""  # prepared shards (`liquid data prepare`): a local directory or a URL
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training (pretrain/train/validate.py): every `interval` steps and after the last,
+    all ranks score the first `tokens` tokens of each held-out stream (the same rows every time)."""
+    interval: int = 0  # steps between validations; 0 = no validation
+    # Held-out prepared datasets. Empty: the embedded corpus's held-out part ("heldout") when training on
+    # the embedded corpus; any other data must name its held-out streams.
+    streams: list[EvalStreamConfig] = field(default_factory=list)
+    tokens: int = 65536  # tokens scored per stream (whole rows of train.seq_len; fewer if the stream is smaller)
+    micro_batch_size: Optional[int] = None  # rows per forward; None: train.micro_batch_size
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "liquid-pretrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # the run's name; None: run.name
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline (no network; `wandb sync` uploads later) | online
+    dir: Optional[str] = None  # where wandb keeps its files; None: RUN_DIR/tracking
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    enabled: bool = False
+    tracking_uri: Optional[str] = None  # a server URL or file:/path; None: RUN_DIR/tracking/mlruns
+    experiment: str = "liquid-pretrain"
+    run_name: Optional[str] = None  # None: run.name
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (pretrain/train/tracking.py): rank 0 logs every metrics record and the resolved
+    config; a resumed run continues the same tracked run (its ids are kept in RUN_DIR/tracking.json)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass(frozen=True)
 class RunSection:
     dir: str = "runs/${run.name}"
     name: str = "tiny"
@@ -206,6 +264,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _all_keys(cls, prefix="") -> list[str]:
@@ -355,6 +415,80 @@ def validate(cfg: Config) -> None:
     _require(d.cache_limit_gb is None or d.cache_limit_gb > 0, "data.cache_limit_gb", "must be > 0")
     _require(d.lanes is None or (d.lanes >= 1 and t.global_batch_size % d.lanes == 0), "data.lanes",
              f"must be >= 1 and divide train.global_batch_size ({t.global_batch_size}), got {d.lanes}")
+    _validate_phases(cfg)
+    _validate_eval(cfg)
+    _validate_tracking(cfg)
+
+
+def phase_start_steps(cfg: Config) -> list[int]:
+    """The first global step (1-based) of each of data.phases: the first phase starts at step 1; a phase
+    given by start_tokens starts at the first step after that many tokens."""
+    per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    starts = []
+    for i, ph in enumerate(cfg.data.phases):
+        if i == 0:
+            starts.append(1)
+        elif ph.start_step is not None:
+            starts.append(int(ph.start_step))
+        else:
+            starts.append(-(-int(ph.start_tokens) // per_step) + 1)
+    return starts
+
+
+def phase_names(cfg: Config) -> list[str]:
+    return [ph.name or f"phase{i}" for i, ph in enumerate(cfg.data.phases)]
+
+
+def _validate_phases(cfg: Config) -> None:
+    d = cfg.data
+    if not d.phases:
+        return
+    _require(len(d.streams) >= 1, "data.phases",
+             "phases mix data.streams by proportion; name the streams in data.streams (data.path is one stream)")
+    for i, ph in enumerate(d.phases):
+        key = f"data.phases[{i}]"
+        _require(len(ph.proportions) == len(d.streams), f"{key}.proportions",
+                 f"needs one proportion per data.streams entry ({len(d.streams)}), got {len(ph.proportions)}")
+        _require(all(x >= 0 for x in ph.proportions) and sum(ph.proportions) > 0, f"{key}.proportions",
+                 f"must be >= 0 with a positive sum, got {list(ph.proportions)}")
+        _require(ph.start_step is None or ph.start_tokens is None, key, "set start_step or start_tokens, not both")
+        if i == 0:
+            _require(ph.start_step in (None, 1) and not ph.start_tokens, f"{key}.start_step",
+                     "the first phase starts at step 1 (leave start_step and start_tokens unset)")
+        else:
+            _require(ph.start_step is not None or ph.start_tokens is not None, key,
+                     "a later phase needs start_step or start_tokens")
+            _require(ph.start_step is None or ph.start_step >= 2, f"{key}.start_step", f"must be >= 2, got {ph.start_step}")
+            _require(ph.start_tokens is None or ph.start_tokens > 0, f"{key}.start_tokens", "must be > 0")
+    starts = phase_start_steps(cfg)
+    _require(all(a < b for a, b in zip(starts, starts[1:])), "data.phases",
+             f"phases must start at increasing steps, got steps {starts}")
+    names = phase_names(cfg)
+    _require(len(set(names)) == len(names), "data.phases", f"phase names must differ, got {names}")
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _require(e.interval >= 0, "eval.interval", f"must be >= 0 (0: no validation), got {e.interval}")
+    _require(e.tokens >= 1, "eval.tokens", f"must be >= 1, got {e.tokens}")
+    _require(e.micro_batch_size is None or e.micro_batch_size >= 1, "eval.micro_batch_size", "must be >= 1")
+    for i, s in enumerate(e.streams):
+        _require(bool(s.name) and re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) is not None, f"eval.streams[{i}].name",
+                 f"must be a non-empty name of letters, digits, '_', '.' or '-', got '{s.name}'")
+        _require(bool(s.path), f"eval.streams[{i}].path", "must name a directory or URL of prepared shards")
+    names = [s.name for s in e.streams]
+    _require(len(set(names)) == len(names), "eval.streams", f"names must differ, got {names}")
+    embedded = not (cfg.data.path or cfg.data.streams)
+    _require(e.interval == 0 or e.streams or embedded, "eval.streams",
+             "eval.interval is set but no held-out data is named: list eval.streams (name and path of prepared "
+             "shards), or set eval.interval=0")
+
+
+def _validate_tracking(cfg: Config) -> None:
+    w = cfg.tracking.wandb
+    _require(w.mode in ("offline", "online"), "tracking.wandb.mode", f"must be offline or online, got '{w.mode}'")
+    _require(bool(w.project), "tracking.wandb.project", "must not be empty")
+    _require(bool(cfg.tracking.mlflow.experiment), "tracking.mlflow.experiment", "must not be empty")
 
 
 def elastic_unit(parallel: ParallelConfig) -> int:

@@ -110,16 +110,17 @@ class ProgressPrinter:
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, max_steps: int, printer=None, enabled: bool = True, start_step: int = 0,
                  max_tokens: int | None = None, tensorboard: bool = True, devices: int = 1,
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 flops_per_token: float | None = None, peak_flops: float | None = None, tracker=None):
         """A fresh run starts an empty metrics.jsonl (and removes old TensorBoard events); a resumed one keeps
         the records up to `start_step` (those after it were logged by an attempt whose later steps are
         trained again), and TensorBoard purges the events after it. Only an enabled logger (rank 0) writes.
         `max_tokens` (train.max_tokens) makes the ETA count toward the step where the token budget ends.
-        Records without them get `devices` and, with FLOPs per token and a peak per device known, their MFU."""
+        Records without them get `devices` and, with FLOPs per token and a peak per device known, their MFU.
+        `tracker` (pretrain/train/tracking.py, rank 0's) gets every record as written to metrics.jsonl."""
         self.path = RunDir(run_dir).metrics_file
         self.max_steps, self.max_tokens, self.start_step = max_steps, max_tokens, start_step
         self.devices, self.flops_per_token, self.peak_flops = devices, flops_per_token, peak_flops
-        self.printer = printer
+        self.printer, self.tracker = printer, tracker
         self.start = time.perf_counter()
         self._file = None
         self._tb = None
@@ -161,6 +162,8 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             self._tb.add(record)
+        if self.tracker is not None:
+            self.tracker.log(record)
         if self.printer is not None:
             self.printer(record)
 
@@ -182,3 +185,6 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None

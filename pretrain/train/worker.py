@@ -27,6 +27,7 @@ from pretrain.train.flops import flops_per_token, peak_flops
 from pretrain.train.loop import LoopResult, Position, last_step, train_loop
 from pretrain.train.metrics import MetricsLogger, ProgressPrinter
 from pretrain.train.step import Placement
+from pretrain.train.tracking import open_tracker
 
 
 def train_main(cfg, *, progress: bool = True, launch_id: str | None = None, node: dict | None = None,
@@ -159,9 +160,11 @@ def metrics_logger(cfg, run: RunDir, topology, place: Placement, start: Position
     t = cfg.train
     printer = ProgressPrinter(max_steps=t.max_steps, max_tokens=t.max_tokens) if progress else None
     device_name = torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu"
+    tracker = open_tracker(cfg, run.path, start_step=start.step) if topology.rank == 0 else None
     return MetricsLogger(run.path, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
                          enabled=topology.rank == 0, start_step=start.step, devices=topology.world,
-                         flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak_flops(device_name))
+                         flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak_flops(device_name),
+                         tracker=tracker)
 
 
 def stop_hook(run: RunDir, topology):
