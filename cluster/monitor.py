@@ -229,6 +229,8 @@ def latest_block(state: RunState) -> list[str]:
         f"  progress     {progress_bar(fraction)} {fraction:.1%} of {target:,} tokens"
         + (" (train.max_tokens)" if state.max_tokens else ""),
         f"  loss         {r['loss']:.4f}    lr {_f(r.get('lr'), '.3e')}    grad norm {_f(r.get('grad_norm'), '.4g')}",
+        *[f"  val loss     {name}: {loss:.4f} (perplexity {_f(ppl, '.2f')}) at step {at}"
+          for name, (at, loss, ppl) in last_validation(state.records).items()],
         f"  tokens       {r['tokens']:,}",
         f"  tokens/s     {_f(tps, ',.0f')} ({_f(tps / devices if tps else None, ',.0f')} per device, "
         f"{devices} device{'s' if devices != 1 else ''})",
@@ -242,18 +244,38 @@ def latest_block(state: RunState) -> list[str]:
     known = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "devices", "mfu", "data_wait_frac",
              "checkpoint_stall_s", "expert_load_max_over_mean", "expert_load_per_layer", "elapsed_s", "eta_s",
              "time"}
-    lines += [f"  {k:<12} {json.dumps(v)}" for k, v in r.items() if k not in known]
+    lines += [f"  {k:<12} {json.dumps(v)}" for k, v in r.items() if k not in known and not k.startswith("val")]
     return lines
 
 
-TABLE_HEADER = (f"{'step':>8} {'loss':>8} {'tok/s':>10} {'tok/s/dev':>10} {'MFU':>7} {'wait':>6} "
+def val_names(records: list[dict]) -> list[str]:
+    """The held-out streams validated in a run (val/<name>/loss keys), in first-seen order."""
+    names = {}
+    for r in records:
+        for k in r:
+            if k.startswith("val/") and k.endswith("/loss"):
+                names.setdefault(k[4:-5])
+    return list(names)
+
+
+def last_validation(records: list[dict]) -> dict[str, tuple[int, float, float | None]]:
+    """name -> (step, loss, perplexity) of each held-out stream's newest validation."""
+    out = {}
+    for r in records:
+        for name in val_names([r]):
+            out[name] = (r["step"], r[f"val/{name}/loss"], r.get(f"val/{name}/perplexity"))
+    return out
+
+
+TABLE_HEADER = (f"{'step':>8} {'loss':>8} {'val':>8} {'tok/s':>10} {'tok/s/dev':>10} {'MFU':>7} {'wait':>6} "
                 f"{'stall s':>8} {'load':>6} {'tokens':>8} {'elapsed':>8}")
 
 
 def table_row(r: dict) -> str:
     devices = r.get("devices") or 1
     tps = r.get("tokens_per_s")
-    return (f"{r['step']:>8} {r['loss']:>8.4f} {_f(tps, ',.0f'):>10} "
+    val = [r[k] for k in r if k.startswith("val/") and k.endswith("/loss")]  # the first held-out stream's
+    return (f"{r['step']:>8} {r['loss']:>8.4f} {_f(val[0] if val else None, '.4f'):>8} {_f(tps, ',.0f'):>10} "
             f"{_f(tps / devices if tps else None, ',.0f'):>10} {_f(r.get('mfu'), '.1%', 'n/a'):>7} "
             f"{_f(r.get('data_wait_frac'), '.1%'):>6} {_f(r.get('checkpoint_stall_s'), '.2f'):>8} "
             f"{_f(r.get('expert_load_max_over_mean'), '.2f'):>6} {human(r['tokens']):>8} "
@@ -348,6 +370,10 @@ def plot(state: RunState, out) -> Path:
 
     marker = "o" if len(records) <= 50 else None
     ax_loss.plot(*series("loss"), marker=marker, ms=3, label="loss (window mean)")
+    for name in val_names(records):
+        ax_loss.plot(*series(f"val/{name}/loss"), marker="s", ms=4, label=f"validation: {name}")
+    if val_names(records):
+        ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title("loss")
     ax_loss.set_ylabel("loss")
 

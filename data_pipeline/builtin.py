@@ -61,3 +61,46 @@ def builtin_dataset(data_cfg, *, log=print) -> tuple[str, str]:
     shutil.rmtree(shards, ignore_errors=True)
     staging.replace(shards)  # complete or absent: an interrupted run prepares again
     return str(shards), str(tokenizer)
+
+
+HELDOUT_MB = 0.5  # standard-library text after the training corpus, kept for validation
+
+
+def builtin_heldout(data_cfg, *, log=print) -> str:
+    """The shard directory of the embedded corpus's held-out part: the standard-library documents that come
+    after the training corpus's (never trained on; the one the training corpus cuts short is left out too),
+    HELDOUT_MB of them, tokenized with the training corpus's tokenizer. Prepared once, cached."""
+    from data_pipeline.corpus import iter_stdlib_documents
+    from data_pipeline.prepare import prepare
+
+    _, tokenizer = builtin_dataset(data_cfg, log=log)
+    root = cache_root() / f"builtin-{_key(data_cfg)}"
+    shards = root / "heldout"
+    if (shards / META_FILE).exists():
+        return str(shards)
+    train_bytes, held_bytes = int(data_cfg.corpus_max_mb * 2**20), int(HELDOUT_MB * 2**20)
+    corpus = root / "heldout.jsonl"
+    if not corpus.exists():
+        log(f"data: holding out {HELDOUT_MB:g} MB of the embedded corpus for validation")
+        tmp = corpus.with_suffix(".tmp")
+        seen, kept = 0, 0
+        with tmp.open("w", encoding="utf-8") as fh:
+            for name, data in iter_stdlib_documents(train_bytes + held_bytes + 2**30):
+                seen += len(data)
+                if seen <= train_bytes or seen - len(data) < train_bytes:  # trained on, or cut short there
+                    continue
+                fh.write(json.dumps({"text": data.decode("utf-8", errors="replace"), "source": name}) + "\n")
+                kept += len(data)
+                if kept >= held_bytes:
+                    break
+        if kept == 0:
+            tmp.unlink()
+            raise ValueError(f"the standard library has no text after the first {data_cfg.corpus_max_mb:g} MB "
+                             "to hold out; lower data.corpus_max_mb or name eval.streams")
+        tmp.replace(corpus)
+    staging = root / "heldout.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    prepare([str(corpus)], str(staging), tokenizer, use_ray=False, progress=False, eos_token=data_cfg.eos_token)
+    shutil.rmtree(shards, ignore_errors=True)
+    staging.replace(shards)
+    return str(shards)

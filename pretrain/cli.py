@@ -165,6 +165,15 @@ def _cmd_export(args) -> int:
 def _cmd_eval(args) -> int:
     from checkpoints.evaluate import evaluate, result_line
 
+    if args.held_out:
+        if args.input:
+            raise ValueError("--held-out scores the run's eval streams; leave out --input")
+        from pretrain.train.validate import evaluate_held_out
+
+        print(result_line(evaluate_held_out(args.source, step=args.step, device=args.device, tokens=args.tokens)))
+        return 0
+    if not args.input:
+        raise ValueError("name the held-out text with --input FILE..., or score the run's eval streams with --held-out")
     res = evaluate(args.source, args.input, step=args.step, seq_len=args.seq_len, batch_size=args.batch_size,
                    device=args.device, text_field=args.text_field, eos_token=args.eos_token)
     print(result_line(res))
@@ -186,7 +195,11 @@ def _add_export_parsers(sub) -> None:
 
     p = sub.add_parser("eval", help="loss and perplexity of a run's checkpoint or an export on held-out text")
     p.add_argument("source", metavar="RUN_DIR_OR_EXPORT_DIR")
-    p.add_argument("--input", nargs="+", required=True, help="files (.txt .jsonl[.gz|.zst] .parquet), dirs or globs")
+    p.add_argument("--input", nargs="+", default=None, help="files (.txt .jsonl[.gz|.zst] .parquet), dirs or globs")
+    p.add_argument("--held-out", action="store_true",
+                   help="for a run directory: score its validation rows (eval.streams, eval.tokens) as training "
+                        "validates, instead of --input")
+    p.add_argument("--tokens", type=int, default=None, help="with --held-out: tokens per stream (default eval.tokens)")
     p.add_argument("--step", type=int, default=None, help="for a run directory: the checkpoint at this step")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")

@@ -214,7 +214,7 @@ class EvalConfig:
     all ranks score the first `tokens` tokens of each held-out stream (the same rows every time)."""
     interval: int = 0  # steps between validations; 0 = no validation
     # Held-out prepared datasets. Empty: the embedded corpus's held-out part ("heldout") when training on
-    # the embedded corpus; any other data must name its held-out streams.
+    # the embedded corpus; with other data and none named, no validation (the run says so at its start).
     streams: list[EvalStreamConfig] = field(default_factory=list)
     tokens: int = 65536  # tokens scored per stream (whole rows of train.seq_len; fewer if the stream is smaller)
     micro_batch_size: Optional[int] = None  # rows per forward; None: train.micro_batch_size
@@ -478,10 +478,6 @@ def _validate_eval(cfg: Config) -> None:
         _require(bool(s.path), f"eval.streams[{i}].path", "must name a directory or URL of prepared shards")
     names = [s.name for s in e.streams]
     _require(len(set(names)) == len(names), "eval.streams", f"names must differ, got {names}")
-    embedded = not (cfg.data.path or cfg.data.streams)
-    _require(e.interval == 0 or e.streams or embedded, "eval.streams",
-             "eval.interval is set but no held-out data is named: list eval.streams (name and path of prepared "
-             "shards), or set eval.interval=0")
 
 
 def _validate_tracking(cfg: Config) -> None:

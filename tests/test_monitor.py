@@ -124,10 +124,13 @@ def test_monitor_prints_the_runs_numbers(run):
     assert "expert load  max/mean " + f"{last['expert_load_max_over_mean']:.3f}" in out
     assert "last 3 records:" in out
     table = out.split("last 3 records:\n")[1].splitlines()
-    assert table[0].split() == ["step", "loss", "tok/s", "tok/s/dev", "MFU", "wait", "stall", "s", "load", "tokens",
-                                "elapsed"]
+    assert table[0].split() == ["step", "loss", "val", "tok/s", "tok/s/dev", "MFU", "wait", "stall", "s", "load",
+                                "tokens", "elapsed"]
     assert [row.split()[0] for row in table[1:4]] == ["4", "5", "6"]
     assert table[3].split()[1] == f"{last['loss']:.4f}"
+    # the preset validates after the last step (eval.interval): the held-out loss in its column and below
+    assert table[2].split()[2] == "-" and table[3].split()[2] == f"{last['val/heldout/loss']:.4f}"
+    assert f"val loss     heldout: {last['val/heldout/loss']:.4f}" in out
     best = min(records, key=lambda r: r["loss"])
     assert "totals: 1,536 tokens, elapsed " in out
     assert f"best loss {best['loss']:.4f} (step {best['step']}), last loss {last['loss']:.4f} (step 6)" in out

@@ -59,10 +59,12 @@ class _Window:
 
 
 def train_loop(engine, data, place: Placement, *, train_cfg, logger, start: Position = Position(),
-               checkpoint=None, should_stop: Callable[[], bool] | None = None) -> LoopResult:
+               checkpoint=None, should_stop: Callable[[], bool] | None = None, validator=None) -> LoopResult:
     """Train from `start` to the last step. `logger.log(record)` gets a record every train.log_interval
     steps; `checkpoint` (a CheckpointManager) saves when due; `should_stop()` (rank 0's) asks for a stop:
-    every rank then saves a checkpoint at this step and returns."""
+    every rank then saves a checkpoint at this step and returns. `validator` (pretrain/train/validate.py)
+    scores the held-out data when due; its losses join that step's record (a validation step is always a
+    logged step) and its time is left out of the window's tokens/s."""
     tokens_per_step = train_cfg.global_batch_size * train_cfg.seq_len
     max_steps, tokens_seen = last_step(train_cfg), start.tokens
     engine.model.train()
@@ -77,8 +79,15 @@ def train_loop(engine, data, place: Placement, *, train_cfg, logger, start: Posi
         if checkpoint is not None and (checkpoint.due(step, max_steps) or result.stop):
             stall = checkpoint.save(step, tokens_seen, engine, data)
         window.add(result, tokens_per_step, stall)
-        if step % train_cfg.log_interval == 0 or step == max_steps or result.stop:
+        scores = validator.run(engine.model) if validator is not None and validator.due(step, max_steps) else None
+        if scores is not None:
+            window.start += scores["val_s"]  # evaluation is not training throughput
+        if step % train_cfg.log_interval == 0 or step == max_steps or result.stop or scores is not None:
             last = window.record(step, tokens_seen, result, engine)
+            if getattr(data, "phase", None) is not None:
+                last["phase"] = data.phase
+            if scores is not None:
+                last.update(scores)
             first = first or last
             logger.log(last)
             window = _Window()

@@ -5,13 +5,14 @@ In a multi-worker job the driver prints the line by following metrics.jsonl; in 
 prints it directly. Both use `ProgressPrinter`, so the line looks the same; `liquid monitor` prints it too.
 One line per log interval, no carriage returns (the stream is often a log file):
 
-  step    120/500 [#####...............]  24% 492k/2.05M tok | loss 4.1234 | lr 3.00e-04 | 9,212 tok/s |
+  step    120/500 [#####...............]  24% 492k/2.05M tok | loss 4.1234 | val heldout 4.2011 | lr 3.00e-04 | 9,212 tok/s |
   4,606 tok/s/device | MFU 41.2% | data wait 0.1% | ckpt stall 0.42s | expert load max/mean 1.24 |
   elapsed 1m02s | eta 3m10s
 
 (one line in the output). The bar goes toward `train.max_tokens` when it is set (capped by what max_steps
 allows), else toward max_steps' tokens. MFU reads "n/a" where the device's peak is unknown (CPU);
-"ckpt stall" appears only when a checkpoint was saved in the window.
+"ckpt stall" appears only when a checkpoint was saved in the window; "val NAME" (the held-out loss of
+each eval stream) only at a validation step; "phase NAME" with data.phases.
 """
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ def format_line(r: dict, *, max_steps: int, max_tokens: int | None = None) -> st
     fraction = min(r["tokens"] / target, 1.0) if target else 0.0
     parts = [f"step {r['step']:>6}/{last_step} {progress_bar(fraction)} {fraction:4.0%} "
              f"{human(r['tokens'])}/{human(target)} tok",
-             f"loss {r['loss']:.4f}", f"lr {r.get('lr') or 0:.2e}"]
+             f"loss {r['loss']:.4f}"]
+    parts += [f"val {k[4:-5]} {v:.4f}" for k, v in r.items() if k.startswith("val/") and k.endswith("/loss")]
+    if r.get("phase") is not None:
+        parts.append(f"phase {r['phase']}")
+    parts.append(f"lr {r.get('lr') or 0:.2e}")
     tps, devices = r.get("tokens_per_s"), r.get("devices") or 1
     if tps is not None:
         parts += [f"{tps:,.0f} tok/s", f"{tps / devices:,.0f} tok/s/device"]

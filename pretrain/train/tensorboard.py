@@ -46,7 +46,14 @@ def step_scalars(record: dict) -> dict[str, float]:
     }
     for i, load in enumerate(record.get("expert_load_per_layer") or []):
         values[f"experts/moe_layer_{i}_load_max_over_mean"] = load
+    values.update(val_scalars(record))  # val/<name>/loss and val/<name>/perplexity
     return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def val_scalars(record: dict) -> dict[str, float]:
+    """The validation losses and perplexities of a record (pretrain/train/validate.py), by their keys."""
+    return {k: v for k, v in record.items() if k.startswith("val/") and k.endswith(("/loss", "/perplexity"))
+            and isinstance(v, (int, float))}
 
 
 def token_scalars(record: dict) -> dict[str, float]:
@@ -54,6 +61,7 @@ def token_scalars(record: dict) -> dict[str, float]:
     values = {"vs_tokens/loss": record.get("loss"), "vs_tokens/lr": record.get("lr"),
               "vs_tokens/tokens_per_s": record.get("tokens_per_s"), "vs_tokens/mfu": record.get("mfu"),
               "vs_tokens/expert_load_max_over_mean": record.get("expert_load_max_over_mean")}
+    values.update({f"vs_tokens/{k}": v for k, v in val_scalars(record).items() if k.endswith("/loss")})
     return {k: float(v) for k, v in values.items() if v is not None}
 
 

@@ -28,6 +28,7 @@ from pretrain.train.loop import LoopResult, Position, last_step, train_loop
 from pretrain.train.metrics import MetricsLogger, ProgressPrinter
 from pretrain.train.step import Placement
 from pretrain.train.tracking import open_tracker
+from pretrain.train.validate import open_validator
 
 
 def train_main(cfg, *, progress: bool = True, launch_id: str | None = None, node: dict | None = None,
@@ -63,9 +64,12 @@ def _train(cfg, topology, status: "WorkerStatus", *, progress: bool) -> dict:
     with ExitStack() as cleanup:
         for closable in (data, checkpoints):
             cleanup.callback(closable.close)
+        validator = open_validator(cfg, topology, place)
+        if validator is not None:
+            cleanup.callback(validator.close)
         logger = cleanup.enter_context(metrics_logger(cfg, run, topology, place, start, progress=progress))
         result = train_loop(engine, data, place, train_cfg=cfg.train, logger=logger, start=start,
-                            checkpoint=checkpoints, should_stop=stop_hook(run, topology))
+                            checkpoint=checkpoints, should_stop=stop_hook(run, topology), validator=validator)
     return finish(cfg, run, topology, result, checkpoints=checkpoints, start=start, resumed_from=resumed_from)
 
 
