@@ -23,6 +23,8 @@ def _done_line(summary: dict) -> str:
             else "no steps left to train")
     parts = [f"{'stopped' if summary.get('stopped') else 'done'}: step {summary['steps']}, "
              f"{summary['tokens']:,} tokens, {loss}"]
+    if summary.get("val_loss"):
+        parts.append("held-out loss " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val_loss"].items()))
     if summary.get("resumed_from"):
         parts.append(f"resumed from {summary['resumed_from']}")
     if summary.get("checkpoints"):

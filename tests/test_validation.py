@@ -54,8 +54,12 @@ def _check_against_eval(run_dir, cache, monkeypatch) -> list[dict]:
 def test_validation_equals_liquid_eval_on_one_process(tmp_path, monkeypatch, capsys):
     cache = str(tmp_path / "cache")
     run_dir = tmp_path / "one"
-    _run(0, 1, SMALL + [f"run.dir={run_dir}"], cache)
+    summary = _run(0, 1, SMALL + [f"run.dir={run_dir}"], cache)
     out = capsys.readouterr().out
+    assert summary["val_loss"] == {"heldout": _records(run_dir)[-1]["val/heldout/loss"]}
+    from pretrain.cli import _done_line
+
+    assert f"held-out loss heldout {summary['val_loss']['heldout']:.4f}" in _done_line(summary)
     assert "validation every 2 steps on heldout: 16 rows (1,024 tokens)" in out
     assert "| val heldout " in out  # the progress line
     _check_against_eval(run_dir, cache, monkeypatch)

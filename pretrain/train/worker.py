@@ -194,6 +194,8 @@ def finish(cfg, run: RunDir, topology, result: LoopResult, *, checkpoints, start
                "first_loss": result.first_record["loss"] if result.first_record else None,
                "last_loss": result.last_record["loss"] if result.last_record else None,
                "start_step": start.step, "resumed_from": resumed_from,
+               "val_loss": {k[4:-5]: v for k, v in (result.last_record or {}).items()
+                            if k.startswith("val/") and k.endswith("/loss")} or None,
                "checkpoints": [f"step_{s:08d}" for s in checkpoints.saved],
                "checkpoint_failures": checkpoints.failures, "export": export, "stopped": result.stopped}
     if topology.rank == 0:
