@@ -507,8 +507,10 @@ class _StopOnSignal:
 def launch(cfg, printer=None) -> dict:
     """Train with `cfg`; returns the run summary written by rank 0."""
     from pretrain.train.metrics import ProgressPrinter
+    from pretrain.train.tracking import check_available
     from pretrain.train.worker import train_main
 
+    check_available(cfg)  # an enabled tracker's package is missing: say so before Ray or a model starts
     printer = printer or ProgressPrinter(max_steps=cfg.train.max_steps, max_tokens=cfg.train.max_tokens,
                                          stream=sys.stdout)
     if use_ray(cfg):

@@ -4,7 +4,9 @@ or the output.
 (a) A real local Ray cluster started with `cluster.safety.local_ray_init_kwargs()` (in a subprocess, since the
     options change process-wide Ray state): every listening socket of every Ray process is on loopback.
 (b) A real training run reading its shards from a real S3-compatible server (moto on 127.0.0.1) with planted
-    credentials in the environment: neither value appears in any file the run writes nor in its output.
+    credentials in the environment: neither value appears in any file the run writes nor in its output. With
+    experiment tracking on (wandb offline, MLflow's file store under the run directory), planted tracker
+    credentials (WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN) are not written either.
 (c) The torch process group on that local cluster (cluster/torch_backend.py): the rendezvous store and gloo
     listen on loopback, the collective timeout holds, and a real 2-worker training exposes no socket.
 """
@@ -162,10 +164,13 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-@pytest.mark.parametrize("launcher", ["local", "ray"])
-def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint, monkeypatch, launcher):
+@pytest.mark.parametrize("launcher, tracking", [("local", False), ("local", True), ("ray", True)],
+                         ids=["local", "local-tracking", "ray-tracking"])
+def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint, monkeypatch, launcher, tracking):
     """One process (launcher local), and 2 workers on a local Ray cluster started by the run (its session
-    directory, logs included, under a scratch RAY_TMPDIR that is searched too, as is run_dir/ray/)."""
+    directory, logs included, under a scratch RAY_TMPDIR that is searched too, as is run_dir/ray/). With
+    tracking, rank 0 runs wandb (offline) and MLflow (file store in RUN_DIR/tracking) with tracker credentials
+    in the environment too; wandb's own cache and config directories are searched as well."""
     import boto3
     import numpy as np
 
@@ -176,6 +181,10 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     secret = "plantedSecret" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
     creds = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
              "S3_ENDPOINT_URL": s3_endpoint}
+    tracker_creds = {"WANDB_API_KEY": uuid.uuid4().hex + "plantedw",  # 40 characters, as wandb's keys
+                     "MLFLOW_TRACKING_PASSWORD": "plantedPw" + uuid.uuid4().hex,
+                     "MLFLOW_TRACKING_TOKEN": "plantedTok" + uuid.uuid4().hex} if tracking else {}
+    creds.update(tracker_creds)
     for key, value in creds.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
@@ -187,18 +196,19 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tokenizer = train_tokenizer(docs, vocab_size=400, out_dir=tmp_path / "tok")
-    bucket = f"safety-{launcher}"  # the S3 server is the module's: each case writes its own dataset
+    bucket = f"safety-{launcher}-{'tracking' if tracking else 'plain'}"  # each case writes its own dataset
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/shards"
     prepare([str(tmp_path / "in")], url, str(tokenizer), block_tokens=513, use_ray=False, progress=False)
 
     # A real run in a fresh process; every place it writes to is under tmp_path.
-    run_dir, cache, scratch = tmp_path / "run", tmp_path / "cache", tmp_path / "tmp"
+    run_dir, cache, scratch, wandb_home = tmp_path / "run", tmp_path / "cache", tmp_path / "tmp", tmp_path / "wandb"
     scratch.mkdir()
     # Ray's session directory (sockets, logs): a short path, whatever the checkout's (unix sockets' limit).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     env = {**os.environ, **creds, "LIQUID_CACHE": str(cache / "liquid"), "TMPDIR": str(scratch),
-           "RAY_TMPDIR": str(ray_tmp)}
+           "RAY_TMPDIR": str(ray_tmp), "WANDB_CACHE_DIR": str(wandb_home / "cache"),
+           "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}
     env.pop("RAY_ADDRESS", None)
     workers = 2 if launcher == "ray" else 1
     args = [sys.executable, "-m", "pretrain.cli", "pretrain", "tiny", f"data.path={url}",
@@ -206,6 +216,9 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
             "parallel.ep=1", f"cluster.num_workers={workers}", f"cluster.launcher={launcher}", "train.max_steps=3",
             "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_interval=1",
             "model.vocab_size=512", f"run.dir={run_dir}", "checkpoint.export=false"]
+    if tracking:
+        args += ["tracking.wandb.enabled=true", "tracking.mlflow.enabled=true"]
+    needles = [secret.encode(), key_id.encode(), *(v.encode() for v in tracker_creds.values())]
     try:
         proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, timeout=600)
         output = proc.stdout + proc.stderr
@@ -214,7 +227,7 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
             assert list((run_dir / "ray").iterdir()), "Ray Train wrote nothing under run_dir/ray"
             logs = [p for p in ray_tmp.rglob("*") if p.is_file() and "logs" in p.parts]
             assert logs, f"no Ray session logs under {ray_tmp}"
-            assert not _files_containing(ray_tmp, [secret.encode(), key_id.encode()])
+            assert not _files_containing(ray_tmp, needles)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -224,12 +237,19 @@ def test_planted_secret_reaches_neither_run_dir_nor_output(tmp_path, s3_endpoint
     assert any(p.name.startswith("shard.") for p in (cache / "streaming").rglob("*"))
     assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
     assert url in (run_dir / "config.yaml").read_text()
+    if tracking:  # the trackers wrote their runs: wandb's offline log and MLflow's store, under RUN_DIR/tracking
+        state = json.loads((run_dir / "tracking.json").read_text())
+        assert state["wandb"]["last_step"] == state["mlflow"]["last_step"] == 3
+        assert list((run_dir / "tracking" / "wandb").glob(f"offline-run-*-{state['wandb']['run_id']}/run-*.wandb"))
+        metric = (run_dir / "tracking" / "mlruns" / state["mlflow"]["experiment_id"] / state["mlflow"]["run_id"]
+                  / "metrics" / "loss")
+        assert len(metric.read_text().splitlines()) == 3
 
-    needles = [secret.encode(), key_id.encode()]
     assert not [n for n in needles if n in output], "a planted credential is in the output"
-    assert not _files_containing(run_dir, needles)
+    assert not _files_containing(run_dir, needles)  # tracking/ and the MLflow store included
     assert not _files_containing(cache, needles)  # the shard cache and LIQUID_CACHE
     assert not _files_containing(scratch, needles)  # temporary files
+    assert not _files_containing(wandb_home, needles)  # wandb-core's own logs
 
 
 # --- (c) the process-group rendezvous store on a local cluster ------------------------------------------------

@@ -165,10 +165,15 @@ def metrics_logger(cfg, run: RunDir, topology, place: Placement, start: Position
     printer = ProgressPrinter(max_steps=t.max_steps, max_tokens=t.max_tokens) if progress else None
     device_name = torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu"
     tracker = open_tracker(cfg, run.path, start_step=start.step) if topology.rank == 0 else None
-    return MetricsLogger(run.path, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
-                         enabled=topology.rank == 0, start_step=start.step, devices=topology.world,
-                         flops_per_token=flops_per_token(cfg.model, t.seq_len), peak_flops=peak_flops(device_name),
-                         tracker=tracker)
+    try:
+        return MetricsLogger(run.path, max_steps=t.max_steps, max_tokens=t.max_tokens, printer=printer,
+                             enabled=topology.rank == 0, start_step=start.step, devices=topology.world,
+                             flops_per_token=flops_per_token(cfg.model, t.seq_len),
+                             peak_flops=peak_flops(device_name), tracker=tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
 
 
 def stop_hook(run: RunDir, topology):
