@@ -25,6 +25,11 @@ State: {"version", "rows": global rows of the finished steps, "in_step": rows th
 current step, "rank", "world", "global_batch", "config"}. At a step boundary (in_step 0, where
 checkpoints are taken) it does not depend on the rank or the world: any layout resumes from it exactly.
 A change of streams, proportions, seed, seq_len, block size, shuffle settings or dataset is refused.
+
+Data-mixture phases (`phases`, data.phases; order.py PhasedOrder): from its first step each phase draws
+by its own proportions. The state's config records them; a resume may change or add phases that start
+after the position (the order of a phase depends only on the phases before it), never one that has begun.
+A run without phases resumes with phases whose first has the streams' proportions (the same order).
 """
 from __future__ import annotations
 
@@ -297,8 +302,9 @@ class StreamingRows:
                  shuffle: bool = True, shuffle_buffer_blocks: int = 8, rank: int = 0, world: int = 1,
                  global_batch: int | None = None, lanes: int | None = None, validate_hash: bool = True,
                  predownload: int | None = None, record: str | os.PathLike | None = None,
-                 cache_limit: int | None = None):
-        from data_pipeline.order import BlockOrder, RowOrder
+                 cache_limit: int | None = None, phases: list[tuple[int, list[float]]] | None = None,
+                 phase_names: list[str] | None = None):
+        from data_pipeline.order import BlockOrder, PhasedOrder, RowOrder
 
         specs = [StreamSpec(s) if isinstance(s, str) else s for s in streams]
         _check_streams(specs)
@@ -321,14 +327,29 @@ class StreamingRows:
         stream_blocks = [s.num_blocks for s in self._streams]
         proportions = [s.proportion for s in specs] if specs[0].proportion is not None else None
         self._stream_offsets = np.concatenate([[0], np.cumsum(stream_blocks)]).astype(np.int64)
-        blocks = BlockOrder(stream_blocks, seed=seed, shuffle=shuffle, proportions=proportions)
+        phases = [[int(start), [float(x) for x in props]] for start, props in phases or []]
+        _check_phases(phases, len(specs))
+        self.phase_names = ([f"phase{i}" for i in range(len(phases))] if phase_names is None
+                            else [str(n) for n in phase_names])
+        if len(self.phase_names) != len(phases):
+            raise ValueError(f"{len(phase_names)} phase names for {len(phases)} phases")
+        blocks = BlockOrder(stream_blocks, seed=seed, shuffle=shuffle,
+                            proportions=phases[0][1] if phases else proportions)
         lanes = default_lanes(global_batch, blocks.epoch_blocks) if lanes is None else int(lanes)
-        self.order = RowOrder(blocks, rows_per_block=self.rows_per_block, window=shuffle_buffer_blocks,
-                              global_batch=global_batch, lanes=lanes, seed=seed, shuffle=shuffle)
+        if phases:
+            self.order = PhasedOrder(stream_blocks, phases, rows_per_block=self.rows_per_block,
+                                     window=shuffle_buffer_blocks, global_batch=global_batch, lanes=lanes, seed=seed,
+                                     shuffle=shuffle)
+        else:
+            self.order = RowOrder(blocks, rows_per_block=self.rows_per_block, window=shuffle_buffer_blocks,
+                                  global_batch=global_batch, lanes=lanes, seed=seed, shuffle=shuffle)
+        self.phases = phases
         self._config = {"streams": [[s.path, s.proportion] for s in specs], "seed": seed, "seq_len": seq_len,
                         "block_tokens": self.block_tokens, "shuffle": shuffle,
                         "shuffle_buffer_blocks": shuffle_buffer_blocks, "stream_blocks": stream_blocks,
                         "global_batch": global_batch, "lanes": lanes}
+        if phases:  # absent without phases: such a state is the same as before phases existed
+            self._config["phases"] = phases
         cached = [s.root if s.spec.is_remote else s.unpacked for s in self._streams]
         cached = [c for c in cached if c is not None]
         if cache_limit is None and any(s.spec.is_remote for s in self._streams):
@@ -356,7 +377,24 @@ class StreamingRows:
 
     @property
     def epoch(self) -> int:
-        return self.rows // self.order.rows_per_epoch
+        """Epochs read (with phases: of the current phase's mixture, since the phase began)."""
+        if not self.phases:
+            return self.rows // self.order.rows_per_epoch
+        p = int(self.order.phase_of(self.rows))
+        return int(self.rows - self.order.first_rows[p]) // self.order.rows_per_epoch
+
+    def phase_at(self, step: int) -> str | None:
+        """The name of the data phase global step `step` (1-based) reads from; None without phases."""
+        if not self.phases:
+            return None
+        return self.phase_names[int(self.order.phase_of(max(int(step) - 1, 0) * self.global_batch))]
+
+    @property
+    def phase(self) -> str | None:
+        """The active data phase: that of the step being read, or when between steps of the last one read
+        (so after a training step it is that step's phase), the first phase before any; None without phases."""
+        step = self.rows // self.global_batch + (1 if self.in_step else 0)
+        return self.phase_at(max(step, 1))
 
     # ---- the order --------------------------------------------------------------------------------
 
@@ -399,9 +437,12 @@ class StreamingRows:
         labels = window[:, 1:].copy()
         labels[np.arange(1, seq + 1)[None, :] >= real[:, None]] = IGNORE_INDEX
         if self.record is not None:
+            line = {"step": self.rows // self.global_batch + 1, "rows": rows.tolist(), "epoch": epoch.tolist(),
+                    "block": sample.tolist(), "row": row.tolist()}
+            if self.phases:
+                line["phase"] = self.order.phase_of(rows).tolist()
             with self.record.open("a") as fh:
-                fh.write(json.dumps({"step": self.rows // self.global_batch + 1, "rows": rows.tolist(),
-                                     "epoch": epoch.tolist(), "block": sample.tolist(), "row": row.tolist()}) + "\n")
+                fh.write(json.dumps(line) + "\n")
         self.in_step += batch_size
         self.rows += (self.in_step // self.per_rank) * self.global_batch
         self.in_step %= self.per_rank
@@ -579,15 +620,41 @@ STATE_KEYS = {"streams": "data.path / data.streams", "seed": "train.seed", "seq_
               "stream_blocks": "the dataset's blocks (data added or prepared again?)"}
 
 
+def _check_phases(phases: list, streams: int) -> None:
+    starts = [start for start, _ in phases]
+    if phases and (starts[0] != 1 or any(a >= b for a, b in zip(starts, starts[1:]))):
+        raise ValueError(f"data.phases must start at step 1, then at increasing steps, got steps {starts}")
+    for i, (_, props) in enumerate(phases):
+        if len(props) != streams or any(x < 0 for x in props) or sum(props) <= 0:
+            raise ValueError(f"data.phases[{i}].proportions={props} needs one proportion >= 0 per stream "
+                             f"({streams}) with a positive sum")
+
+
+def _phases_begun(config: dict, steps: int) -> list:
+    """[first step, shares] of the phases that had begun by global step `steps` (1-based); a run without
+    phases is one phase of the streams' proportions. Shares: the proportions over their sum, as the order
+    uses them ([7, 3] and [0.7, 0.3] are the same mixture)."""
+    phases = config.get("phases") or [[1, [p for _, p in config["streams"]]]]
+    return [[int(start), None if None in props else [float(x) / float(sum(props)) for x in props]]
+            for start, props in phases if start <= steps]
+
+
 def _check_state(state: dict, config: dict) -> None:
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}: it was saved by an "
                          "older loader, whose order differs; start a new run")
-    changed = [key for key in config if state["config"].get(key) != config[key]]
+    changed = [key for key in config if key != "phases" and state["config"].get(key) != config[key]]
     if changed:
         raise ValueError("cannot resume the data position: " + ", ".join(
             f"{STATE_KEYS.get(key, key)} was {state['config'].get(key)!r}, now {config[key]!r}" for key in changed)
             + "; resume with the run's data settings, or start a new run")
+    # Phases may change where the state has not read them yet: the order of a phase depends on those before it.
+    steps = int(state["rows"]) // int(config["global_batch"]) + (1 if state.get("in_step") else 0)
+    was, now = _phases_begun(state["config"], steps), _phases_begun(config, steps)
+    if was != now:
+        raise ValueError(f"cannot resume the data position: data.phases changed at or before step {steps}, where the "
+                         f"data already is: the phases begun by then (first step, proportions) were {was}, now {now}; "
+                         f"only phases starting after step {steps} may be changed or added")
 
 
 def _inside_a_step(state: dict) -> ValueError:

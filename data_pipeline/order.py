@@ -18,6 +18,12 @@ Layers, all keyed by the seed:
     and shards), `window` blocks at a time with the window's rows permuted. When the data-parallel ranks of
     a node read whole lanes (nodes dividing lanes), each node reads its own shards; with any layout the rows
     are the same.
+  * `PhasedOrder` (data.phases): each phase, from its first step on, has its own proportions: its own
+    `BlockOrder` and `RowOrder`, read from the phase's first row as from row 0. Every stream's walk goes
+    on where the earlier phases left it: phase p starts stream i's walk after every epoch the earlier
+    phases touched (whole epochs: the unread rest of a phase's last epoch is skipped), so within a pass
+    over a stream no block comes back in a later phase; the chunk and window shuffles are keyed by the
+    phase. A phase's order depends only on the phases before it, never on its own length or later phases.
 
 A run's row g is the same whatever the number of ranks, the micro-batch size or the accumulation: the
 position to resume from is one number, the global rows consumed (see data_pipeline/loader.py).
@@ -82,6 +88,11 @@ class Permutation:
         return (left << half) | right
 
 
+def _phase_key(seed: int, phase: int, *parts) -> int:
+    """The key of a shuffle of data phase `phase`; phase 0's are those of a run without phases."""
+    return key(seed, *parts) if not phase else key(seed, "phase", phase, *parts)
+
+
 def split_by_proportion(total: int, proportions: list[float]) -> list[int]:
     """`total` slots shared by proportion (largest remainder; ties to the earlier stream)."""
     weights = np.asarray(proportions, dtype=np.float64) / float(sum(proportions))
@@ -97,14 +108,20 @@ class BlockOrder:
 
     def __init__(self, stream_blocks: list[int], *, seed: int, shuffle: bool = True,
                  proportions: list[float] | None = None, epoch_blocks: int | None = None, span: int = 512,
-                 chunk: int = 8192):
+                 chunk: int = 8192, walk_offset: list[int] | None = None, phase: int = 0):
+        """walk_offset: where each stream's walk starts (blocks the earlier phases reserved); phase: the
+        phase's index, which keys the chunk shuffles (phase 0: the same keys as a run without phases)."""
         if any(n < 1 for n in stream_blocks):
             raise ValueError(f"every stream needs at least one block, got {stream_blocks}")
         if span < 1 or chunk < 1:
             raise ValueError(f"span={span} and chunk={chunk} must be >= 1")
         self.stream_blocks = [int(n) for n in stream_blocks]
         self.offsets = np.concatenate([[0], np.cumsum(self.stream_blocks)]).astype(np.int64)
-        self.seed, self.shuffle, self.span = seed, shuffle, int(span)
+        self.seed, self.shuffle, self.span, self.phase = seed, shuffle, int(span), int(phase)
+        self.walk_offset = np.zeros(len(self.stream_blocks), dtype=np.int64) if walk_offset is None \
+            else np.asarray(walk_offset, dtype=np.int64)
+        if self.walk_offset.shape != (len(self.stream_blocks),) or (self.walk_offset < 0).any():
+            raise ValueError(f"walk_offset={walk_offset} needs one count >= 0 per stream")
         if proportions is None:
             self.per_epoch = np.asarray(self.stream_blocks, dtype=np.int64)
         else:
@@ -130,11 +147,11 @@ class BlockOrder:
             for c in np.unique(chunk):
                 sel = chunk == c
                 size = int(self._start[c + 1] - self._start[c])
-                slot[sel] = Permutation(size, key(self.seed, "chunk", epoch, int(c)))(offset[sel])
+                slot[sel] = Permutation(size, _phase_key(self.seed, self.phase, "chunk", epoch, int(c)))(offset[sel])
         cum = np.cumsum(self._stream_counts(chunk), axis=1)
         stream = (slot[:, None] >= cum).sum(axis=1)
         rank = slot - np.where(stream > 0, cum[np.arange(len(slot)), np.maximum(stream - 1, 0)], 0)
-        walked = epoch * self.per_epoch[stream] + self._before[chunk, stream] + rank
+        walked = epoch * self.per_epoch[stream] + self._before[chunk, stream] + rank + self.walk_offset[stream]
         out = np.empty_like(positions)
         for i in np.unique(stream):
             sel = stream == i
@@ -169,7 +186,7 @@ class RowOrder:
     """Global row g -> (epoch, global sample id, row within that block); see the module docstring."""
 
     def __init__(self, blocks: BlockOrder, *, rows_per_block: int, window: int, global_batch: int, lanes: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, phase: int = 0):
         if window < 1:
             raise ValueError(f"data.shuffle_buffer_blocks={window} must be >= 1")
         if lanes < 1 or global_batch % lanes:
@@ -178,7 +195,7 @@ class RowOrder:
             raise ValueError(f"the data has {blocks.epoch_blocks} blocks per epoch, fewer than data.lanes={lanes}")
         self.blocks, self.rows_per_block, self.window = blocks, int(rows_per_block), int(window)
         self.lanes, self.per_lane, self.global_batch = int(lanes), global_batch // lanes, int(global_batch)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.phase = seed, shuffle, int(phase)
         self.rows_per_epoch = blocks.epoch_blocks * self.rows_per_block
         # Lane l's positions of every epoch: [start[l], start[l + 1]).
         self._start = (np.arange(self.lanes + 1, dtype=np.int64) * blocks.epoch_blocks) // self.lanes
@@ -199,11 +216,64 @@ class RowOrder:
             for l_, e, w in np.unique(keys, axis=0):
                 sel = (lane == l_) & (epoch == e) & (window == w)
                 size = min(self.window, int(lane_blocks[sel][0]) - int(w) * self.window) * self.rows_per_block
-                slot[sel] = Permutation(size, key(self.seed, "window", int(l_), int(e), int(w)))(within[sel])
+                slot[sel] = Permutation(size, _phase_key(self.seed, self.phase, "window", int(l_), int(e),
+                                                         int(w)))(within[sel])
         position, row = np.divmod(slot, self.rows_per_block)
         position += self._start[lane] + window * self.window
         sample = np.empty_like(rows)
         for e in np.unique(epoch):
             sel = epoch == e
             sample[sel] = self.blocks(int(e), position[sel])
+        return epoch, sample, row
+
+    def epochs(self, steps: int) -> int:
+        """How many of `blocks`' epochs the rows of the first `steps` steps touch (the lane with the fewest
+        blocks goes furthest)."""
+        if steps < 1:
+            return 0
+        lane_blocks = int(np.diff(self._start).min())
+        return (steps * self.per_lane - 1) // (lane_blocks * self.rows_per_block) + 1
+
+
+class PhasedOrder:
+    """Global row g -> (epoch within its phase, global sample id, row within the block) under data-mixture
+    phases (see the module docstring). phases: (first global step, 1-based, proportions) of each phase, the
+    first at step 1, in increasing order. `epoch` counts the epochs of the row's own phase."""
+
+    def __init__(self, stream_blocks: list[int], phases: list[tuple[int, list[float]]], *, rows_per_block: int,
+                 window: int, global_batch: int, lanes: int, seed: int, shuffle: bool = True, span: int = 512,
+                 chunk: int = 8192):
+        starts = [int(s) for s, _ in phases]
+        if not starts or starts[0] != 1 or any(a >= b for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"phases must start at step 1, then at increasing steps, got {starts}")
+        self.starts, self.global_batch = starts, int(global_batch)
+        self.first_rows = np.asarray([(s - 1) * self.global_batch for s in starts], dtype=np.int64)
+        self.orders: list[RowOrder] = []
+        self.walk_offsets: list[list[int]] = []
+        offset = np.zeros(len(stream_blocks), dtype=np.int64)
+        for p, (start, proportions) in enumerate(phases):
+            if p:  # the walk goes on after every epoch the previous phase touched
+                prev = self.orders[-1]
+                offset = offset + prev.epochs(start - starts[p - 1]) * prev.blocks.per_epoch
+            blocks = BlockOrder(stream_blocks, seed=seed, shuffle=shuffle, proportions=list(proportions), span=span,
+                                chunk=chunk, walk_offset=offset.tolist(), phase=p)
+            self.walk_offsets.append(offset.tolist())
+            self.orders.append(RowOrder(blocks, rows_per_block=rows_per_block, window=window,
+                                        global_batch=global_batch, lanes=lanes, seed=seed, shuffle=shuffle, phase=p))
+        first = self.orders[0]
+        self.lanes, self.per_lane, self.rows_per_epoch = first.lanes, first.per_lane, first.rows_per_epoch
+
+    def phase_of(self, rows) -> np.ndarray:
+        """The phase index of each global row."""
+        return np.searchsorted(self.first_rows, np.asarray(rows, dtype=np.int64), side="right") - 1
+
+    def __call__(self, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and rows.min() < 0:
+            raise IndexError("row numbers start at 0")
+        phase = self.phase_of(rows)
+        epoch, sample, row = (np.empty_like(rows) for _ in range(3))
+        for p in np.unique(phase):
+            sel = phase == p
+            epoch[sel], sample[sel], row[sel] = self.orders[int(p)](rows[sel] - self.first_rows[p])
         return epoch, sample, row

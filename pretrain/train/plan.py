@@ -181,6 +181,32 @@ def data_plan(*, tokens: float, block_tokens: int, vocab_size: int, shard_mb: fl
     }
 
 
+def phase_plan(config) -> list[dict]:
+    """data.phases over the run's steps (train.max_steps, or max_tokens'): each phase's first and last
+    step, its tokens, and each stream's expected tokens (its proportion of the phase's tokens: the order
+    gives each stream exactly its share of every epoch of the phase, rounded to whole blocks, and about
+    its share of a partial epoch). A phase starting after the last step has 0 steps (reached: false)."""
+    from pretrain.config import phase_names, phase_start_steps
+    from pretrain.train.loop import last_step
+
+    t, d = config.train, config.data
+    if not d.phases:
+        return []
+    last, per_step = last_step(t), t.global_batch_size * t.seq_len
+    starts = phase_start_steps(config)
+    out = []
+    for i, (name, start, ph) in enumerate(zip(phase_names(config), starts, d.phases)):
+        end = min(starts[i + 1] - 1 if i + 1 < len(starts) else last, last)
+        steps = max(end - start + 1, 0)
+        tokens = steps * per_step
+        total = float(sum(ph.proportions))
+        out.append({"name": name, "start_step": start, "end_step": end if steps else None, "steps": steps,
+                    "tokens": tokens, "reached": steps > 0,
+                    "streams": [{"path": s.path, "proportion": x / total, "tokens": tokens * x / total}
+                                for s, x in zip(d.streams, ph.proportions)]})
+    return out
+
+
 def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str = "H100",
                tokens: float | None = None, block_tokens: int = BLOCK_TOKENS) -> dict:
     """`tokens` (for the time and data lines) defaults to the run's budget: train.max_tokens, or max_steps'."""
@@ -217,6 +243,7 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
         "tokens_per_s": tokens_per_s,
         "days_to_tokens": tokens / tokens_per_s / 86400,
         "data": data_plan(tokens=tokens, block_tokens=block_tokens, vocab_size=m.vocab_size),
+        "phases": phase_plan(config),
     }
 
 
@@ -249,4 +276,19 @@ def format_plan(plan: dict) -> str:
         f" index ~{d['index_mib']:,.0f} MiB, loader ~{d['loader_mib_per_node']:,.0f} MiB/node"
         f" (vs {d['per_sample_ids_if_rows_were_samples_gib']:,.0f} GiB if each 4096-token row were a sample)",
     ]
+    if plan.get("phases"):
+        phases = plan["phases"]
+        last = max((p["end_step"] for p in phases if p["end_step"]), default=0)
+        lines.append(f"data phases     over the run's {last:,} steps; tokens per stream are expected: the phase's "
+                     "tokens x the stream's proportion")
+        width = max(len(p["name"]) for p in phases)
+        spans = [f"steps {p['start_step']:,}-{p['end_step']:,}" for p in phases if p["reached"]]
+        span_width = max(map(len, spans))
+        for p, span in zip(phases, spans + [""] * len(phases)):
+            if not p["reached"]:
+                lines.append(f"  {p['name']:<{width}}  from step {p['start_step']:,}: after the run's last step,"
+                             " not reached")
+                continue
+            streams = "  ".join(f"{s['path']} {_count(s['tokens'])} ({s['proportion']:.0%})" for s in p["streams"])
+            lines.append(f"  {p['name']:<{width}}  {span:<{span_width}}  {_count(p['tokens'])} tokens:  {streams}")
     return "\n".join(lines)
