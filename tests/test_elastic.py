@@ -306,9 +306,14 @@ def _close(got: float, want: float, what: str) -> None:
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(monkeypatch):
     from ray.cluster_utils import Cluster
 
+    # Read by Ray Train's controller (on the head, whose processes inherit this environment): it waits this
+    # long for a failed worker group's process group to shut down (30 s by default), and polls its workers
+    # this often (2 s by default): a lost node is noticed and the group restarted sooner, nothing else changes.
+    monkeypatch.setenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "1")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The driver, Ray Train's controller and its helpers run on the head and reserve no CPU: with none there,
     # every worker lands on the two 2-CPU nodes.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tests.distributed.harness import run_distributed
 
-CONFIG = ["parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2", "train.max_steps=60", "train.log_interval=1",
+CONFIG = ["parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2", "train.max_steps=30", "train.log_interval=1",
           "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2", "train.threads=1",
           "data.corpus_max_mb=0.5", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
-          "checkpoint.interval=10", "checkpoint.keep_last=0", "checkpoint.export=false"]
+          "checkpoint.interval=5", "checkpoint.keep_last=0", "checkpoint.export=false"]
 
 
 def _uninterrupted(rank, world, overrides, cache):
@@ -55,20 +55,24 @@ def test_killed_and_hung_workers_recover_from_the_newest_checkpoint(tmp_path):
 
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "pretrain.cli", "pretrain", "tiny", f"run.dir={run_dir}", *CONFIG,
-            "cluster.launcher=ray", "cluster.max_failures=2", "cluster.collective_timeout_s=15"]
-    env = {**os.environ, "LIQUID_CACHE": cache, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+            "cluster.launcher=ray", "cluster.max_failures=2", "cluster.collective_timeout_s=10"]
+    env = {**os.environ, "LIQUID_CACHE": cache, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           # Ray Train waits this long for the process group of a group with a hung (stopped) worker to shut
+           # down before restarting it (30 s by default; the stopped worker never answers), and polls its
+           # workers this often (2 s by default): the restarts come sooner, nothing else changes.
+           "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         ckpts = run_dir / "checkpoints"
         # 1. A worker dies: SIGKILL rank 1 once the first checkpoint exists.
-        _wait_for(lambda: (ckpts / "step_00000010").exists(), "the first checkpoint", proc)
+        _wait_for(lambda: (ckpts / "step_00000005").exists(), "the first checkpoint", proc)
         first = _wait_for(lambda: _worker(run_dir, 1), "rank 1's status file", proc)
         os.kill(first["pid"], signal.SIGKILL)
         # 2. The restarted group resumes; then rank 1 hangs: its peer's collective times out.
         restarted = _wait_for(lambda: (w := _worker(run_dir, 1)) and w["pid"] != first["pid"]
                               and w["status"] == "running" and w, "the restarted rank 1", proc)
-        assert restarted["start_step"] >= 10
-        _wait_for(lambda: (ckpts / "step_00000030").exists(), "a checkpoint after the restart", proc)
+        assert restarted["start_step"] >= 5
+        _wait_for(lambda: (ckpts / "step_00000015").exists(), "a checkpoint after the restart", proc)
         os.kill(restarted["pid"], signal.SIGSTOP)
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -78,8 +82,8 @@ def test_killed_and_hung_workers_recover_from_the_newest_checkpoint(tmp_path):
     final = _worker(run_dir, 1)
     assert final["status"] == "finished" and final["pid"] not in (first["pid"], restarted["pid"])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and summary["start_step"] >= 30, summary
+    assert summary["resumed_from"] is not None and summary["start_step"] >= 15, summary
     # Every step was trained, and each loss equals the uninterrupted run's.
     got, want = _losses(run_dir), _losses(reference)
-    assert sorted(got) == list(range(1, 61))
+    assert sorted(got) == list(range(1, 31))
     assert got == want

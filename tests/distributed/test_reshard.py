@@ -192,6 +192,31 @@ def _run(rank, world, overrides, cache):
     return train_main(load_config("tiny", overrides), progress=False)
 
 
+def _runs(rank, world, steps, cache):
+    """Several whole runs one after the other on the same spawned ranks (one spawn instead of one per run):
+    each step is a list of overrides (train_main, then its megatron groups torn down, the torch world kept) or
+    ("copy", source, [destinations]) (rank 0 copies a run directory). A barrier ends each step. Returns the
+    summaries of the runs."""
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    from parallel.topology import destroy_topology
+
+    summaries = []
+    for step in steps:
+        if step[0] == "copy":
+            if rank == 0:
+                for destination in step[2]:
+                    shutil.copytree(step[1], destination)
+        else:
+            summaries.append(_run(rank, world, step, cache))
+            destroy_topology()
+        dist.barrier()
+    return summaries
+
+
 def _losses(run_dir) -> dict:
     import json
 
@@ -218,25 +243,32 @@ def test_a_checkpoint_resumes_exactly_at_any_layout(tmp_path):
     """Saved at step 3 by dp=2 x ep=2; resumed at the same layout (bitwise), at dp=1 (one process), at
     dp=4 x ep=2 and at dp=2 x cp=2 x ep=2: every later loss within 1e-5 of the uninterrupted dp=2 run,
     and every step trains the same rows (recorded by the loader): none skipped, none twice."""
-    import shutil
 
     cache = str(tmp_path / "cache")
     full, part = tmp_path / "full", tmp_path / "part"
     run = RUN + ["data.record_rows=true"]
-    run_distributed(_run, 2, run + [f"run.dir={full}", "train.max_steps=6"], cache)
-    run_distributed(_run, 2, run + [f"run.dir={part}", "train.max_steps=3"], cache)
-    for name in LAYOUTS:
-        shutil.copytree(part, tmp_path / name)
-    summaries = run_distributed(_run, 2, run + [f"run.dir={part}", "train.max_steps=6", "checkpoint.resume=auto"], cache)
+    # The three dp=2 x ep=2 runs (the uninterrupted one, the one that stops at step 3, its resume) on one
+    # spawn of two ranks; the stopped run is copied for the other layouts before it resumes.
+    ranks = run_distributed(_runs, 2, [run + [f"run.dir={full}", "train.max_steps=6"],
+                                       run + [f"run.dir={part}", "train.max_steps=3"],
+                                       ("copy", part, [tmp_path / name for name in LAYOUTS]),
+                                       run + [f"run.dir={part}", "train.max_steps=6", "checkpoint.resume=auto"]],
+                            cache)
+    summaries = [r[2] for r in ranks]
     assert all(s["resumed_from"] == "step_00000003" for s in summaries)
     assert _losses(part) == _losses(full)  # bitwise: same layout, same data, same state
     want, rows = _losses(full), _rows(full)
     assert sorted(rows) == [1, 2, 3, 4, 5, 6] and all(len(r) == 8 for r in rows.values())
     assert len({t for r in rows.values() for t in r}) == 48  # 6 steps x 8 rows, all different
     assert _rows(part) == rows
+    resumes = {name: run + layout + [f"run.dir={tmp_path / name}", "train.max_steps=6", "checkpoint.resume=auto"]
+               for name, (_, layout) in LAYOUTS.items()}
+    # The resumes at four ranks (dp=4 x ep=2, dp=2 x cp=2 x ep=2) on one spawn, one after the other.
+    four = [name for name, (world, _) in LAYOUTS.items() if world == 4]
+    by_rank = run_distributed(_runs, 4, [resumes[name] for name in four], cache)
+    resumed = {name: [r[i] for r in by_rank] for i, name in enumerate(four)}
     for name, (world, layout) in LAYOUTS.items():
-        resume = run + layout + [f"run.dir={tmp_path / name}", "train.max_steps=6", "checkpoint.resume=auto"]
-        summaries = [_run(0, 1, resume, cache)] if world == 1 else run_distributed(_run, world, resume, cache)
+        summaries = resumed[name] if world == 4 else [_run(0, 1, resumes[name], cache)]
         assert {(s["resumed_from"], s["world"]) for s in summaries} == {("step_00000003", world)}, name
         got = _losses(tmp_path / name)
         assert sorted(got) == [1, 2, 3, 4, 5, 6], name
