@@ -1,6 +1,6 @@
 """Validation during training (eval.interval / eval.streams / eval.tokens): the held-out loss the run logs
 equals `liquid eval RUN --held-out` of the checkpoint at the same step (one process, the checkpoint's
-layout-free weights) to 1e-5, on one process and at dp=2 x ep=2 (real gloo ranks, real DeepSpeed)."""
+layout-free weights) to 1e-5, on one process, at dp=2 x ep=2 and at cp=2 x ep=2 (real gloo ranks, real DeepSpeed)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,8 @@ SMALL = ["parallel.dp=1", "parallel.ep=1", "cluster.num_workers=1", "train.seq_l
          "data.tokenizer_vocab_size=512", "model.vocab_size=512", "checkpoint.interval=2", "checkpoint.keep_last=0",
          "checkpoint.export=false", "train.max_steps=4", "eval.interval=2", "eval.tokens=1000",
          "eval.micro_batch_size=3"]
-DP2_EP2 = ["parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2"]
+LAYOUTS = {"dp2_ep2": ["parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2"],
+           "cp2_ep2": ["parallel.dp=1", "parallel.cp=2", "parallel.ep=2", "cluster.num_workers=2"]}
 
 
 def _run(rank, world, overrides, cache):
@@ -80,10 +81,13 @@ def test_validation_equals_liquid_eval_on_one_process(tmp_path, monkeypatch, cap
     assert plot(load_state(run_dir), tmp_path / "plot.png").stat().st_size > 0
 
 
-def test_validation_at_dp2_ep2_equals_liquid_eval(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["dp2_ep2", "cp2_ep2"])
+def test_validation_on_two_ranks_equals_liquid_eval(tmp_path, monkeypatch, layout):
+    """dp=2 x ep=2 (each rank scores half the rows), and cp=2 x ep=2 (both ranks score every row, each its
+    half of the sequence, the scan's state passed between them)."""
     cache = str(tmp_path / "cache")
-    run_dir = tmp_path / "dp2"
-    run_distributed(_run, 2, SMALL + DP2_EP2 + [f"run.dir={run_dir}"], cache)
+    run_dir = tmp_path / layout
+    run_distributed(_run, 2, SMALL + LAYOUTS[layout] + [f"run.dir={run_dir}"], cache)
     _check_against_eval(run_dir, cache, monkeypatch)
 
 

@@ -113,9 +113,10 @@ def test_grouped_no_tokens():
 
 
 def test_cpu_dispatch_fp32_grouped_equals_loop():
-    """fp32 on the CPU runs the grouped path where torch has a CPU grouped_mm: the loop's outputs exactly,
-    its gradients to fp32 rounding (the weight gradients' GEMMs take other shapes); bf16 on the CPU keeps
-    the loop."""
+    """fp32 on the CPU runs the grouped path where torch has a CPU grouped_mm: the loop's outputs and
+    gradients to fp32 rounding (its GEMMs may block the sums differently from the loop's; a fresh clone's
+    run saw 2 of 224 outputs differ by one ulp); bf16 on the CPU keeps the loop."""
+    torch.manual_seed(0)
     ex = make_experts()
     x = torch.randn(sum(COUNTS), D, requires_grad=True)
     want = torch.float32 if ffn._CPU_GROUPED_MM else None
@@ -123,7 +124,7 @@ def test_cpu_dispatch_fp32_grouped_equals_loop():
     assert ffn._grouped_mm_dtype(x.bfloat16(), ex.w1.bfloat16()) is None
     y = ex(x, torch.tensor(COUNTS))
     ref = loop_forward(ex, x, COUNTS)
-    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, ex.w1, ex.w3, ex.w2], g)
     exp = torch.autograd.grad(ref, [x, ex.w1, ex.w3, ex.w2], g)
