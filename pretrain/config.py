@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -313,19 +314,50 @@ def resolve_preset(name_or_path: str | None) -> Path:
     raise ValueError(f"config '{name_or_path}' is neither a YAML file nor a preset; presets: {', '.join(names)}")
 
 
+def _int_typed(t) -> bool:
+    return t is int or (typing.get_origin(t) is typing.Union and int in typing.get_args(t)
+                        and float not in typing.get_args(t))
+
+
+def _coerce_integral(node, cls) -> None:
+    """In place: a float with an integral value at an int-typed key of dataclass `cls` becomes an int.
+    Token counts are written `38e12`, which YAML reads as a float; OmegaConf would refuse it for an int key."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not isinstance(node, dict) or f.name not in node:
+            continue
+        t, value = hints[f.name], node[f.name]
+        if _int_typed(t) and isinstance(value, float) and value.is_integer():
+            node[f.name] = int(value)
+        elif dataclasses.is_dataclass(t):
+            _coerce_integral(value, t)
+        elif typing.get_origin(t) is list and isinstance(value, list):
+            (item,) = typing.get_args(t)
+            if dataclasses.is_dataclass(item):
+                for v in value:
+                    _coerce_integral(v, item)
+
+
+def _coerced(loaded):
+    """A loaded YAML or dot-list with integral floats at int keys made ints (see _coerce_integral)."""
+    container = OmegaConf.to_container(loaded, resolve=False)
+    _coerce_integral(container, Config)
+    return OmegaConf.create(container)
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Preset name or YAML path, plus `key=value` overrides -> a validated, frozen Config."""
     path = resolve_preset(name_or_path)
     schema = OmegaConf.structured(Config)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+        cfg = OmegaConf.merge(schema, _coerced(OmegaConf.load(path)))
     except OmegaConfBaseException as err:
         raise _friendly(err, str(path)) from None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' must look like key=value (for example train.max_steps=100)")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, _coerced(OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as err:
             raise _friendly(err, f"override '{item}'", item.split("=", 1)[0].strip()) from None
     try:

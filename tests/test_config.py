@@ -95,3 +95,19 @@ def test_full_size_presets_train_on_38t_tokens(preset):
     steps = last_step(t)
     assert steps < t.max_steps
     assert 38e12 <= steps * t.global_batch_size * t.seq_len < 38e12 + t.global_batch_size * t.seq_len
+
+
+def test_token_counts_written_with_an_exponent_are_ints(tmp_path):
+    """`38e12` is how token counts are written; YAML reads it as a float, which an int key takes when it is
+    integral (in overrides, in YAML files, inside list items); a fractional value is still refused."""
+    cfg = load_config("tiny", ["train.max_tokens=4.096e6", "data.streams=[{path: /a}, {path: /b}]",
+                               "data.phases=[{proportions: [1, 0]}, {start_tokens: 2e6, proportions: [0, 1]}]"])
+    assert cfg.train.max_tokens == 4_096_000 and type(cfg.train.max_tokens) is int
+    assert cfg.data.phases[1].start_tokens == 2_000_000 and type(cfg.data.phases[1].start_tokens) is int
+    assert cfg.optim.lr == 3e-3  # float keys keep their floats
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_tokens: 38e12\n  max_steps: 1e3\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.max_tokens, cfg.train.max_steps) == (38 * 10**12, 1000)
+    with pytest.raises(ValueError, match=r"bad value for config key 'train.max_tokens'"):
+        load_config("tiny", ["train.max_tokens=1.5"])
