@@ -22,7 +22,7 @@ from pathlib import Path
 
 from checkpoints.manifest import MANIFEST
 from pretrain.run_dir import CONFIG, METRICS, SUMMARY, WORKERS, RunDir
-from pretrain.train.metrics import fmt_duration, format_line, human, progress_bar, run_target
+from pretrain.train.metrics import fmt_duration, format_line, human, progress_bar, run_target, val_losses
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -248,22 +248,12 @@ def latest_block(state: RunState) -> list[str]:
     return lines
 
 
-def val_names(records: list[dict]) -> list[str]:
-    """The held-out streams validated in a run (val/<name>/loss keys), in first-seen order."""
-    names = {}
-    for r in records:
-        for k in r:
-            if k.startswith("val/") and k.endswith("/loss"):
-                names.setdefault(k[4:-5])
-    return list(names)
-
-
 def last_validation(records: list[dict]) -> dict[str, tuple[int, float, float | None]]:
-    """name -> (step, loss, perplexity) of each held-out stream's newest validation."""
+    """name -> (step, loss, perplexity) of each held-out stream's newest validation, in first-seen order."""
     out = {}
     for r in records:
-        for name in val_names([r]):
-            out[name] = (r["step"], r[f"val/{name}/loss"], r.get(f"val/{name}/perplexity"))
+        for name, loss in val_losses(r).items():
+            out[name] = (r["step"], loss, r.get(f"val/{name}/perplexity"))
     return out
 
 
@@ -274,7 +264,7 @@ TABLE_HEADER = (f"{'step':>8} {'loss':>8} {'val':>8} {'tok/s':>10} {'tok/s/dev':
 def table_row(r: dict) -> str:
     devices = r.get("devices") or 1
     tps = r.get("tokens_per_s")
-    val = [r[k] for k in r if k.startswith("val/") and k.endswith("/loss")]  # the first held-out stream's
+    val = list(val_losses(r).values())  # the first held-out stream's
     return (f"{r['step']:>8} {r['loss']:>8.4f} {_f(val[0] if val else None, '.4f'):>8} {_f(tps, ',.0f'):>10} "
             f"{_f(tps / devices if tps else None, ',.0f'):>10} {_f(r.get('mfu'), '.1%', 'n/a'):>7} "
             f"{_f(r.get('data_wait_frac'), '.1%'):>6} {_f(r.get('checkpoint_stall_s'), '.2f'):>8} "
@@ -370,9 +360,10 @@ def plot(state: RunState, out) -> Path:
 
     marker = "o" if len(records) <= 50 else None
     ax_loss.plot(*series("loss"), marker=marker, ms=3, label="loss (window mean)")
-    for name in val_names(records):
+    validated = last_validation(records)
+    for name in validated:
         ax_loss.plot(*series(f"val/{name}/loss"), marker="s", ms=4, label=f"validation: {name}")
-    if val_names(records):
+    if validated:
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title("loss")
     ax_loss.set_ylabel("loss")

@@ -25,15 +25,11 @@ def stream_specs(data_cfg, *, log=print) -> tuple[list[StreamSpec], str | None]:
 def data_phases(data_cfg, *, seq_len: int, global_batch: int) -> list[tuple[str, int, list[float]]]:
     """(name, first global step, proportions) of each of data.phases (pretrain/config.py phase_start_steps:
     start_tokens is rounded up to a whole step); [] without phases."""
-    from types import SimpleNamespace
-
     from pretrain.config import phase_names, phase_start_steps
 
-    if not data_cfg.phases:
-        return []
-    cfg = SimpleNamespace(data=data_cfg, train=SimpleNamespace(global_batch_size=global_batch, seq_len=seq_len))
-    return [(name, start, [float(x) for x in ph.proportions])
-            for name, start, ph in zip(phase_names(cfg), phase_start_steps(cfg), data_cfg.phases)]
+    phases = data_cfg.phases
+    return [(name, start, [float(x) for x in ph.proportions]) for name, start, ph in
+            zip(phase_names(phases), phase_start_steps(phases, global_batch * seq_len), phases)]
 
 
 def build_dataset(data_cfg, *, seq_len: int, vocab_size: int, seed: int, rank: int = 0, world: int = 1,

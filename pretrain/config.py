@@ -452,23 +452,23 @@ def validate(cfg: Config) -> None:
     _validate_tracking(cfg)
 
 
-def phase_start_steps(cfg: Config) -> list[int]:
+def phase_start_steps(phases: list[PhaseConfig], tokens_per_step: int) -> list[int]:
     """The first global step (1-based) of each of data.phases: the first phase starts at step 1; a phase
-    given by start_tokens starts at the first step after that many tokens."""
-    per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    given by start_tokens starts at the first step after that many tokens (train.global_batch_size x
+    train.seq_len tokens a step)."""
     starts = []
-    for i, ph in enumerate(cfg.data.phases):
+    for i, ph in enumerate(phases):
         if i == 0:
             starts.append(1)
         elif ph.start_step is not None:
             starts.append(int(ph.start_step))
         else:
-            starts.append(-(-int(ph.start_tokens) // per_step) + 1)
+            starts.append(-(-int(ph.start_tokens) // tokens_per_step) + 1)
     return starts
 
 
-def phase_names(cfg: Config) -> list[str]:
-    return [ph.name or f"phase{i}" for i, ph in enumerate(cfg.data.phases)]
+def phase_names(phases: list[PhaseConfig]) -> list[str]:
+    return [ph.name or f"phase{i}" for i, ph in enumerate(phases)]
 
 
 def _validate_phases(cfg: Config) -> None:
@@ -492,10 +492,10 @@ def _validate_phases(cfg: Config) -> None:
                      "a later phase needs start_step or start_tokens")
             _require(ph.start_step is None or ph.start_step >= 2, f"{key}.start_step", f"must be >= 2, got {ph.start_step}")
             _require(ph.start_tokens is None or ph.start_tokens > 0, f"{key}.start_tokens", "must be > 0")
-    starts = phase_start_steps(cfg)
+    starts = phase_start_steps(d.phases, cfg.train.global_batch_size * cfg.train.seq_len)
     _require(all(a < b for a, b in zip(starts, starts[1:])), "data.phases",
              f"phases must start at increasing steps, got steps {starts}")
-    names = phase_names(cfg)
+    names = phase_names(d.phases)
     _require(len(set(names)) == len(names), "data.phases", f"phase names must differ, got {names}")
 
 

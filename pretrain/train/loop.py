@@ -84,8 +84,9 @@ def train_loop(engine, data, place: Placement, *, train_cfg, logger, start: Posi
             window.start += scores["val_s"]  # evaluation is not training throughput
         if step % train_cfg.log_interval == 0 or step == max_steps or result.stop or scores is not None:
             last = window.record(step, tokens_seen, result, engine)
-            if getattr(data, "phase", None) is not None:
-                last["phase"] = data.phase
+            phase = getattr(data, "phase", None)  # data.phases: the step's mixture
+            if phase is not None:
+                last["phase"] = phase
             if scores is not None:
                 last.update(scores)
             first = first or last

@@ -72,6 +72,12 @@ def progress_bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * done + "." * (width - done) + "]"
 
 
+def val_losses(record: dict) -> dict[str, float]:
+    """name -> held-out loss of each eval stream validated at this record's step (its `val/<name>/loss`
+    keys, pretrain/train/validate.py); {} at a step without validation."""
+    return {k[4:-5]: v for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")}
+
+
 def format_line(r: dict, *, max_steps: int, max_tokens: int | None = None) -> str:
     """The live line of one metrics record (see the module docstring)."""
     last_step, target = run_target(r, max_steps=max_steps, max_tokens=max_tokens)
@@ -79,7 +85,7 @@ def format_line(r: dict, *, max_steps: int, max_tokens: int | None = None) -> st
     parts = [f"step {r['step']:>6}/{last_step} {progress_bar(fraction)} {fraction:4.0%} "
              f"{human(r['tokens'])}/{human(target)} tok",
              f"loss {r['loss']:.4f}"]
-    parts += [f"val {k[4:-5]} {v:.4f}" for k, v in r.items() if k.startswith("val/") and k.endswith("/loss")]
+    parts += [f"val {name} {loss:.4f}" for name, loss in val_losses(r).items()]
     if r.get("phase") is not None:
         parts.append(f"phase {r['phase']}")
     parts.append(f"lr {r.get('lr') or 0:.2e}")

@@ -193,9 +193,9 @@ def phase_plan(config) -> list[dict]:
     if not d.phases:
         return []
     last, per_step = last_step(t), t.global_batch_size * t.seq_len
-    starts = phase_start_steps(config)
+    starts = phase_start_steps(d.phases, per_step)
     out = []
-    for i, (name, start, ph) in enumerate(zip(phase_names(config), starts, d.phases)):
+    for i, (name, start, ph) in enumerate(zip(phase_names(d.phases), starts, d.phases)):
         end = min(starts[i + 1] - 1 if i + 1 < len(starts) else last, last)
         steps = max(end - start + 1, 0)
         tokens = steps * per_step

@@ -52,8 +52,13 @@ def step_scalars(record: dict) -> dict[str, float]:
 
 def val_scalars(record: dict) -> dict[str, float]:
     """The validation losses and perplexities of a record (pretrain/train/validate.py), by their keys."""
-    return {k: v for k, v in record.items() if k.startswith("val/") and k.endswith(("/loss", "/perplexity"))
-            and isinstance(v, (int, float))}
+    from pretrain.train.metrics import val_losses
+
+    out = {}
+    for name, loss in val_losses(record).items():
+        out[f"val/{name}/loss"] = loss
+        out[f"val/{name}/perplexity"] = record.get(f"val/{name}/perplexity")
+    return out
 
 
 def token_scalars(record: dict) -> dict[str, float]:

@@ -29,8 +29,7 @@ import torch
 
 from parallel.collectives import barrier, sum_over
 from parallel.context_parallel import split_for_context_parallel
-
-IGNORE_INDEX = -100
+from pretrain.model.model import IGNORE_INDEX
 
 
 def eval_specs(cfg, *, log=print) -> list[tuple[str, object]]:
@@ -66,24 +65,30 @@ class Validator:
         self.interval = cfg.eval.interval
         self.micro = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         seq = cfg.train.seq_len
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            specs = eval_specs(cfg, log=log if topology.rank == 0 else (lambda *a, **k: None))  # prepares, once per node
+        quiet = lambda *a, **k: None  # noqa: E731
+        local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if local_first:  # prepares the embedded corpus's held-out part, once per node
+            specs = eval_specs(cfg, log=log if topology.rank == 0 else quiet)
         barrier()
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            specs = eval_specs(cfg, log=lambda *a, **k: None)
+        if not local_first:
+            specs = eval_specs(cfg, log=quiet)
         want, dp = -(-cfg.eval.tokens // seq), topology.dp
-        cache_dir = os.path.expanduser(cfg.data.cache_dir)
+
+        def open_rows(spec, per_rank: int):  # this data-parallel rank's run of per_rank rows, unshuffled
+            return StreamingRows([spec], seq_len=seq, seed=0, cache_dir=os.path.expanduser(cfg.data.cache_dir),
+                                 shuffle=False, lanes=1, rank=topology.dp_rank, world=dp, global_batch=per_rank * dp,
+                                 validate_hash=cfg.data.validate_hash)
+
         self.streams: list[_HeldOut] = []
         try:
             for name, spec in specs:
-                probe = StreamingRows([spec], seq_len=seq, seed=0, cache_dir=cache_dir, shuffle=False, lanes=1,
-                                      validate_hash=cfg.data.validate_hash)
-                rows = min(want, probe.order.rows_per_epoch)
-                probe.close()
-                per_rank = -(-rows // dp)
-                loader = StreamingRows([spec], seq_len=seq, seed=0, cache_dir=cache_dir, shuffle=False, lanes=1,
-                                       rank=topology.dp_rank, world=dp, global_batch=per_rank * dp,
-                                       validate_hash=cfg.data.validate_hash)
+                per_rank = -(-want // dp)
+                loader = open_rows(spec, per_rank)
+                rows = min(want, loader.order.rows_per_epoch)
+                if -(-rows // dp) < per_rank:  # a stream smaller than eval.tokens: fewer rows per rank
+                    loader.close()
+                    per_rank = -(-rows // dp)
+                    loader = open_rows(spec, per_rank)
                 if loader.vocab_size > cfg.model.vocab_size:
                     loader.close()
                     raise ValueError(f"held-out stream '{name}' was tokenized with a vocabulary of "
@@ -176,16 +181,17 @@ def evaluate_held_out(run_dir, *, step: int | None = None, device: str = "auto",
     from pretrain.model.model import build_model
     from pretrain.train.step import Placement
 
+    from pretrain.train.worker import resolve_device as run_device
+
     cfg = load_run_config(run_dir)
     if tokens is not None:
         if tokens < 1:
             raise ValueError(f"--tokens must be >= 1, got {tokens}")
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=tokens))
     ckpt = Path(find_checkpoint(run_dir, step))
-    dev = torch.device(resolve_device(device))
-    train_dtype = cfg.train.dtype
-    bf16 = train_dtype == "bf16" or (train_dtype == "auto" and dev.type == "cuda")
-    place = Placement(single_process_topology(), dev, torch.bfloat16 if bf16 else None)
+    # --device as `liquid eval` reads it; the autocast the run trains with on that device (train.dtype)
+    dev, dtype = run_device(dataclasses.replace(cfg.train, device=resolve_device(device)))
+    place = Placement(single_process_topology(), dev, dtype)
     model = build_model(cfg.model, dev)
     model.load_state_dict({k: v.float() for k, v in read_model_state(ckpt).items()})
     validator = Validator(cfg, place.topology, place, log=lambda *a, **k: None)

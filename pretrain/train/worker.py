@@ -25,7 +25,7 @@ from pretrain.model.model import build_model, materialize
 from pretrain.run_dir import RunDir
 from pretrain.train.flops import flops_per_token, peak_flops
 from pretrain.train.loop import LoopResult, Position, last_step, train_loop
-from pretrain.train.metrics import MetricsLogger, ProgressPrinter
+from pretrain.train.metrics import MetricsLogger, ProgressPrinter, val_losses
 from pretrain.train.step import Placement
 from pretrain.train.tracking import open_tracker
 from pretrain.train.validate import open_validator
@@ -199,8 +199,7 @@ def finish(cfg, run: RunDir, topology, result: LoopResult, *, checkpoints, start
                "first_loss": result.first_record["loss"] if result.first_record else None,
                "last_loss": result.last_record["loss"] if result.last_record else None,
                "start_step": start.step, "resumed_from": resumed_from,
-               "val_loss": {k[4:-5]: v for k, v in (result.last_record or {}).items()
-                            if k.startswith("val/") and k.endswith("/loss")} or None,
+               "val_loss": val_losses(result.last_record or {}) or None,
                "checkpoints": [f"step_{s:08d}" for s in checkpoints.saved],
                "checkpoint_failures": checkpoints.failures, "export": export, "stopped": result.stopped}
     if topology.rank == 0:
