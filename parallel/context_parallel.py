@@ -44,7 +44,7 @@ SEQUENCE_KEYS = ("input_ids", "labels", "doc_start", "dt")  # [batch, seq] tenso
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     out = x.new_empty(size * x.numel())
-    dist.all_gather_single(out, x.contiguous().view(-1), group=group)
+    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
     return out.view(size, *x.shape)
 
 
@@ -60,7 +60,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty(grad.shape[1:])
-        dist.reduce_scatter_single(out.view(-1), grad.contiguous().view(-1), group=ctx.group)
+        dist.reduce_scatter_tensor(out.view(-1), grad.contiguous().view(-1), group=ctx.group)
         return out, None
 
 

@@ -46,7 +46,7 @@ def test_stdout_is_one_json_line_per_measurement_then_the_summary(quick_run):
 def test_scan_section(quick_run):
     scan = [d for d in _lines(quick_run) if d["section"] == "scan"]
     by = {(d["case"], d.get("impl") or d.get("liquid_impl"), d["seq"]): d for d in scan}
-    assert len(by) == len(scan) == len(QUICK_SEQS) * 5  # liquid_scan x2 impls, sdpa, mixers x2 impls
+    assert len(by) == len(scan) == len(QUICK_SEQS) * 7  # liquid_scan x3 impls, sdpa, mixers x3 impls
     for seq in QUICK_SEQS:
         d = by[("liquid_scan", "pytorch", seq)]
         assert d["seconds"] > 0 and all(r > 0 for r in d["runs"]) and d["tokens_per_s"] > 0
@@ -55,8 +55,10 @@ def test_scan_section(quick_run):
         assert d["flops_per_s"] == pytest.approx(d["flops"] / d["seconds"], rel=1e-3)
         assert d["peak_bandwidth"] is None and d["bandwidth_fraction"] is None  # CPU: unknown peak
         assert (d["heads"], d["key_dim"], d["value_dim"], d["chunk_size"]) == (2, 16, 32, 32)  # --quick widths
-        assert "CUDA" in by[("liquid_scan", "triton", seq)]["skipped"]
-        assert "CUDA" in by[("mixers", "triton", seq)]["skipped"]
+        assert d["forward_seconds"] > 0 and d["backward_seconds"] == pytest.approx(d["seconds"] - d["forward_seconds"])
+        for impl in ("triton", "triton_recompute"):
+            assert "CUDA" in by[("liquid_scan", impl, seq)]["skipped"]
+            assert "CUDA" in by[("mixers", impl, seq)]["skipped"]
         s = by[("sdpa", None, seq)]
         assert s["seconds"] > 0 and s["flops"] == 6 * seq * s["heads"] * s["head_dim"] * seq
         assert isinstance(s["backend"], (str, type(None)))
@@ -66,7 +68,14 @@ def test_scan_section(quick_run):
 
 
 def test_step_section_counts_flops_as_flops_py(quick_run):
-    (step,) = [d for d in _lines(quick_run) if d["section"] == "step"]
+    steps = [d for d in _lines(quick_run) if d["section"] == "step"]
+    # CPU: the PyTorch scan only, so one step on whole rows and one on packed documents of 64 tokens.
+    assert [d["doc_len"] for d in steps] == [None, 64]
+    assert [d["liquid_scan_impl"] for d in steps] == ["pytorch", "pytorch"]
+    assert steps[0]["attention_backend"].startswith("sdpa ")
+    assert steps[1]["attention_backend"] == "document mask: blocks"
+    assert all(d["host_syncs_per_step"] is None for d in steps)  # counted on CUDA only
+    step = steps[0]
     preset = load_config(PRESET, SINGLE).model
     assert step["layer_types"] == preset.layer_types()[SLICE_START:SLICE_START + SLICE_LAYERS]
     assert step["ffn_types"] == ["moe"] * SLICE_LAYERS
@@ -82,6 +91,30 @@ def test_step_section_counts_flops_as_flops_py(quick_run):
     assert step["precision"] == "bf16 weights and gradients, bf16 autocast, fp32 master weights and AdamW state"
 
 
+def test_profile_lines(quick_run):
+    profiles = [d for d in _lines(quick_run) if d["section"] == "profile"]
+    # The scan at the last quick seq (32768 is not among them), and one per step line.
+    assert [(d["what"], d.get("impl"), d["seq"]) for d in profiles] == [
+        ("liquid_scan", "pytorch", QUICK_SEQS[-1]), ("step", None, QUICK_STEP_SEQ), ("step", None, QUICK_STEP_SEQ)]
+    for d in profiles:
+        assert d["timer"] == "self CPU time of aten ops" and d["total_ms"] > 0 and d["top"]
+        assert sum(d["share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert d["share"].get("matmul", 0) > 0  # bmm/mm are there on every path
+        assert [t["ms"] for t in d["top"]] == sorted((t["ms"] for t in d["top"]), reverse=True)
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("_liquid_scan_fwd_kernel", "scan"), ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "matmul"), ("flash_fwd_kernel", "attention"),
+    ("triton_tem_fused_flex_attention_0", "attention"), ("aten::bmm", "matmul"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_kernel_classes(name, cls):
+    from pretrain.bench.gpu import kernel_class
+
+    assert kernel_class(name) == cls
+
+
 def test_memory_section(quick_run):
     memory = [d for d in _lines(quick_run) if d["section"] == "memory"]
     assert [(d["seq"], d["doc_len"]) for d in memory] == [(s, d) for s in QUICK_MEMORY_SEQS for d in (None, 128)]
@@ -91,6 +124,7 @@ def test_memory_section(quick_run):
     assert kv == sorted(kv) and kv[-1] == 4 * kv[0]  # linear in seq
     for d in memory:
         assert d["liquid_layers"] == 3 and d["attention_layers"] == 1 and d["estimated_bytes"] > 0
+        assert d["attention_backend"] == ("sdpa causal" if d["doc_len"] is None else "document mask: blocks")
         assert ("peak_bytes" in d) != ("skipped" in d)
         if "peak_bytes" in d and d["peak_bytes"] is not None:
             assert d["peak_bytes"] > 0
@@ -167,7 +201,12 @@ def test_quick_run_on_cuda_measures_every_case():
     # At the quick sizes nothing is skipped, except the Triton cases where triton is not importable.
     assert not [d for d in lines if "skipped" in d and (triton_ok or "triton" not in d["skipped"])]
     summary = lines[-1]
-    (step,) = [d for d in lines if d["section"] == "step"]
-    assert (step["mfu"] is None) == (summary["peak_flops"] is None)
+    steps = [d for d in lines if d["section"] == "step"]
+    assert [(d["liquid_scan_impl"], d["doc_len"]) for d in steps] == (
+        [("triton", None), ("pytorch", None), ("triton", 64)] if triton_ok else [("pytorch", None), ("pytorch", 64)])
+    for step in steps:
+        assert (step["mfu"] is None) == (summary["peak_flops"] is None)
+        assert step["host_syncs_per_step"] is not None and step["host_syncs_per_step"] >= 0
+    assert steps[-1]["attention_backend"].startswith("document mask: ")
     assert all(d["peak_bytes"] > 0 for d in lines if d["section"] == "memory")
 

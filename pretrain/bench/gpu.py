@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -80,9 +81,9 @@ PRESET = "liquid-8b-a1b"
 SLICE_START, SLICE_LAYERS = 4, 4
 SECTIONS = ("scan", "step", "memory")
 DEFAULTS = {"seqs": (4096, 8192, 16384, 32768, 65536), "memory_seqs": (4096, 32768, 131072), "doc_len": 4096,
-            "step_seq": 4096,
+            "step_seq": 4096, "step_doc_len": 1024,
             "steps": 10, "warmup": 3, "repeats": 5}
-QUICK = {"seqs": (256, 512), "memory_seqs": (256, 512, 1024), "doc_len": 128, "step_seq": 256, "steps": 2,
+QUICK = {"seqs": (256, 512), "memory_seqs": (256, 512, 1024), "doc_len": 128, "step_seq": 256, "step_doc_len": 64, "steps": 2,
          "warmup": 1,
          "repeats": 1}
 # --quick: the preset with tiny widths, a tiny vocabulary and few experts.
@@ -91,6 +92,9 @@ QUICK_OVERRIDES = ["model.vocab_size=512", "model.d_model=128", "model.dense_dim
                    "model.attention.heads=4", "model.attention.kv_heads=2", "model.attention.head_dim=32",
                    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=128"]
 TARGET_MFU, TARGET_BANDWIDTH_FRACTION, TARGET_SEQ = 0.40, 0.60, 32768
+# The Triton scan's measured variants: impl -> liquid_scan_triton's backward ("triton": the backward kernels,
+# "recompute": the PyTorch recomputation it replaced, kept beside it for the comparison).
+TRITON_IMPLS = {"triton": "triton", "triton_recompute": "recompute"}
 SEED = 0
 # Peak memory bandwidth in bytes/s, matched as a substring of torch.cuda.getdevice_name() like
 # flops.PEAK_FLOPS (first match wins: the more specific names come first). CPU: unknown (None).
@@ -234,29 +238,31 @@ def scan_impls(device: torch.device) -> dict:
     """impl -> the scan function (liquid_scan's signature), or the reason it is not measured here."""
     from pretrain.model.scan import liquid_scan
 
-    impls = {"pytorch": liquid_scan, "triton": "the Triton scan runs on CUDA only"}
+    impls = {"pytorch": liquid_scan}
+    for impl in TRITON_IMPLS:
+        impls[impl] = "the Triton scan runs on CUDA only"
     if device.type == "cuda":
         from pretrain.model import scan_triton
 
-        impls["triton"] = (scan_triton.liquid_scan_triton if scan_triton.triton_available()
-                           else "triton is not importable")
+        for impl, backward in TRITON_IMPLS.items():
+            impls[impl] = (functools.partial(scan_triton.liquid_scan_triton, backward=backward)
+                           if scan_triton.triton_available() else "triton is not importable")
     return impls
 
 
 def dispatched_scan_impl(device: torch.device) -> str:
-    """The impl liquid_scan takes inside the model here (step and memory sections follow LIQUID_SCAN_TRITON)."""
-    if device.type == "cuda" and os.environ.get("LIQUID_SCAN_TRITON", "0") == "1":
-        from pretrain.model import scan_triton
+    """The impl liquid_scan takes inside the model here: "triton" where scan_triton.use_triton says so for a
+    tensor on `device` (CUDA with triton, unless LIQUID_SCAN_TRITON=0), else "pytorch"."""
+    from pretrain.model import scan_triton
 
-        return "triton" if scan_triton.triton_available() else "pytorch"
-    return "pytorch"
+    return "triton" if scan_triton.use_triton(torch.empty(0, device=device)) else "pytorch"
 
 
 def _randn(g, device, *shape):
     return torch.randn(*shape, generator=g, device=device)
 
 
-def _scan_run(scan, lc, batch: int, seq: int, device: torch.device):
+def _scan_run(scan, lc, batch: int, seq: int, device: torch.device, *, backward: bool = True):
     g = torch.Generator(device=device).manual_seed(SEED)
     h, n, p = lc.heads, lc.key_dim, lc.value_dim
     q = F.normalize(_randn(g, device, batch, seq, h, n), dim=-1).bfloat16().requires_grad_()
@@ -271,7 +277,11 @@ def _scan_run(scan, lc, batch: int, seq: int, device: torch.device):
         y, state = scan(q, k, v, log_decay, chunk_size=lc.chunk_size)
         torch.autograd.backward([y, state], [dy, dstate])
 
-    return run
+    def forward_only():
+        with torch.no_grad():
+            scan(q, k, v, log_decay, chunk_size=lc.chunk_size)
+
+    return run if backward else forward_only
 
 
 def _sdpa_run(ac, batch: int, seq: int, device: torch.device, label: dict):
@@ -360,6 +370,7 @@ def bench_scan(cfg, device: torch.device, args, emit) -> None:
     scan_shape = {"batch": batch, "heads": lc.heads, "key_dim": lc.key_dim, "value_dim": lc.value_dim,
                   "chunk_size": lc.chunk_size, "dtype": "q, k, v bfloat16; log_decay float32"}
     last: dict = {}
+    profile_seq = TARGET_SEQ if TARGET_SEQ in args.seqs else max(args.seqs)
     for seq in args.seqs:
         tokens = batch * seq
         for impl, fn in impls.items():
@@ -372,10 +383,20 @@ def bench_scan(cfg, device: torch.device, args, emit) -> None:
             if fail:
                 emit({**head, **fail})
                 continue
+            # The forward alone (no_grad), to see which half dominates; backward_seconds is the difference.
+            fwd, _ = _attempt(lambda: statistics.median(time_runs(
+                _scan_run(fn, lc, batch, seq, device, backward=False), device, warmup=args.warmup,
+                repeats=args.repeats)), device)
             nbytes = scan_bytes(batch, seq, lc.heads, lc.key_dim, lc.value_dim)
             flops = mixer_flops_per_token(m, "liquid", seq, matmuls=False) * tokens
             rate = nbytes / got["seconds"]
-            emit({**head, **got, "tokens_per_s": round(tokens / got["seconds"], 1), "bytes": nbytes,
+            if seq == profile_seq:
+                prof, _ = _attempt(lambda: profile_summary(_scan_run(fn, lc, batch, seq, device), device), device)
+                if prof is not None:
+                    emit({"section": "profile", "what": "liquid_scan", "impl": impl, "seq": seq, **prof})
+            emit({**head, **got, "forward_seconds": None if fwd is None else round(fwd, 9),
+                  "backward_seconds": None if fwd is None else round(got["seconds"] - fwd, 9),
+                  "tokens_per_s": round(tokens / got["seconds"], 1), "bytes": nbytes,
                   "bytes_per_s": _sig(rate), "peak_bandwidth": peak_bw,
                   "bandwidth_fraction": _sig(rate / peak_bw) if peak_bw else None,
                   "flops": flops, "flops_per_s": _sig(flops / got["seconds"])})
@@ -437,17 +458,107 @@ def _slice_facts(model_cfg, seq: int) -> dict:
             "flops_per_token": flops_per_token(model_cfg, seq)}
 
 
+def count_host_syncs(fn, device: torch.device) -> dict | None:
+    """The synchronising CUDA calls fn() makes, by torch.cuda.set_sync_debug_mode("warn") (each warns):
+    {"count": n, "where": {"file:line": n, ...}} (the Python frames that made them, most first); None
+    off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where: dict[str, int] = {}
+    for w in syncs:
+        key = f"{os.path.relpath(w.filename)}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    return {"count": len(syncs), "where": dict(sorted(where.items(), key=lambda kv: -kv[1])[:10])}
+
+
+KERNEL_CLASSES = (("scan", ("liquid_scan",)), ("attention", ("flash", "fmha", "attention", "flex")),
+                  ("matmul", ("gemm", "matmul", "nvjet", "cutlass", "wgmma", "xmma", "cublas", "grouped_mm",
+                              "aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def profile_summary(fn, device: torch.device, *, top: int = 12) -> dict:
+    """torch.profiler over fn(): the device kernels (CPU: the aten ops) by self time, the top ones and the
+    share of each class (matmul, scan, attention, other)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    if cuda:
+        rows = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+    total = sum(r[1] for r in rows) or 1.0
+    shares: dict[str, float] = {}
+    for name, us, _ in rows:
+        shares[kernel_class(name)] = shares.get(kernel_class(name), 0.0) + us / total
+    rows.sort(key=lambda r: -r[1])
+    return {"timer": "self device time of CUDA kernels" if cuda else "self CPU time of aten ops",
+            "total_ms": round(total / 1e3, 3), "kernels": len(rows),
+            "share": {k: round(v, 4) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": name[:140], "ms": round(us / 1e3, 3), "calls": n, "share": round(us / total, 4)}
+                    for name, us, n in rows[:top]]}
+
+
+def step_variants(device: torch.device, args) -> list[dict]:
+    """The step section's runs: the scan impl liquid_scan dispatches to on this device (one document per
+    row: causal attention), the PyTorch scan beside it where that is a different impl, and packed documents
+    of args.step_doc_len tokens (attention under the DocumentMask, as the loader's rows come)."""
+    runs = [{"scan_env": None, "doc_len": None}]
+    if dispatched_scan_impl(device) != "pytorch":
+        runs.append({"scan_env": "0", "doc_len": None})
+    if args.step_doc_len < args.step_seq:
+        runs.append({"scan_env": None, "doc_len": args.step_doc_len})
+    return runs
+
+
 def bench_train_step(cfg, device: torch.device, args, emit) -> None:
-    """The step section (module docstring): one line."""
+    """The step section (module docstring): one line per step_variants entry, then a profile line each."""
+    for variant in step_variants(device, args):
+        scope = _triton_dispatch(variant["scan_env"]) if variant["scan_env"] else contextlib.nullcontext()
+        with scope:
+            _bench_one_step(cfg, device, args, emit, doc_len=variant["doc_len"])
+        _release(device)
+
+
+def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | None) -> None:
     from parallel.engine import build_engine
     from parallel.topology import Topology
+    from pretrain.model.mixers import attention_backend
     from pretrain.model.model import build_model
     from pretrain.train.step import Placement, train_step
 
     seq, batch = args.step_seq, args.batch
-    head = {"section": "step", "seq": seq, "batch": batch, **_slice_facts(cfg.model, seq),
+    a = cfg.model.attention
+    if doc_len is None:  # causal SDPA: the backend torch picks for the mixer's q, k, v
+        probe = [torch.empty(batch, h, seq, a.head_dim, device=device, dtype=torch.bfloat16)
+                 for h in (a.heads, a.kv_heads, a.kv_heads)]
+        attn = "sdpa " + str(sdpa_backend(*probe, enable_gqa=a.heads != a.kv_heads))
+        del probe
+    else:
+        attn = "document mask: " + attention_backend(device, head_dim=a.head_dim, group=a.heads // a.kv_heads)
+    head = {"section": "step", "seq": seq, "batch": batch, "doc_len": doc_len, **_slice_facts(cfg.model, seq),
             "precision": "bf16 weights and gradients, bf16 autocast, fp32 master weights and AdamW state",
-            "liquid_scan_impl": dispatched_scan_impl(device),
+            "liquid_scan_impl": dispatched_scan_impl(device), "attention_backend": attn,
             "warmup": args.warmup, "steps": args.steps}
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
 
@@ -455,10 +566,12 @@ def bench_train_step(cfg, device: torch.device, args, emit) -> None:
         torch.manual_seed(SEED)
         model = build_model(cfg.model, device)
         topology = Topology.single()
-        engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=args.warmup + args.steps,
+        engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=args.warmup + args.steps + 2,
                               grad_accum=1, micro_batch_size=batch, dtype=torch.bfloat16)
         place = Placement(topology, device, autocast_dtype=torch.bfloat16)
         data = _random_batch(cfg.model.vocab_size, batch, seq, device)
+        if doc_len is not None:
+            data["doc_start"] = (torch.arange(seq, device=device) % doc_len == 0).expand(batch, seq).contiguous()
         model.train()
 
         def step():
@@ -476,13 +589,17 @@ def bench_train_step(cfg, device: torch.device, args, emit) -> None:
             step()
         with PeakMemory(device) as mem:
             runs = [step() for _ in range(args.steps)]
-        return runs, mem.peak
+        # One more step each under the sync counter and the profiler (the step as the loop runs it: no
+        # synchronisation of the bench's own in it).
+        syncs = count_host_syncs(lambda: train_step(engine, [data], place), device)
+        profile = profile_summary(lambda: train_step(engine, [data], place), device)
+        return runs, mem.peak, syncs, profile
 
     got, fail = _attempt(go, device)
     if fail:
         emit({**head, **fail})
         return
-    runs, peak_bytes = got
+    runs, peak_bytes, syncs, profile = got
     step_s = statistics.mean(r[0] for r in runs)
     fwd_bwd_s = statistics.mean(r[1] for r in runs)
     tps = batch * seq / step_s
@@ -492,7 +609,10 @@ def bench_train_step(cfg, device: torch.device, args, emit) -> None:
           "tokens_per_s": round(tps, 1), "peak_flops": peak,
           "mfu": _sig(tps * fpt / peak) if peak else None,
           "mfu_fwd_bwd": _sig(batch * seq / fwd_bwd_s * fpt / peak) if peak else None,
-          "peak_bytes": peak_bytes, "last_loss": round(runs[-1][2], 4)})
+          "peak_bytes": peak_bytes, "host_syncs_per_step": syncs["count"] if syncs else None,
+          "host_sync_sites": syncs["where"] if syncs else None, "last_loss": round(runs[-1][2], 4)})
+    emit({"section": "profile", "what": "step", "seq": seq, "doc_len": doc_len,
+          "liquid_scan_impl": head["liquid_scan_impl"], **profile})
 
 
 def _estimate_bytes(model_cfg, seq: int) -> int:
@@ -504,7 +624,7 @@ def _estimate_bytes(model_cfg, seq: int) -> int:
 
 def bench_memory(cfg, device: torch.device, args, emit) -> None:
     """The memory section (module docstring): one line per seq."""
-    from pretrain.model.mixers import AttentionMixer, LiquidMixer
+    from pretrain.model.mixers import AttentionMixer, LiquidMixer, attention_backend
     from pretrain.model.model import build_model
 
     m = cfg.model
@@ -528,7 +648,9 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
         head = {"section": "memory", "seq": seq, "doc_len": doc_len, **facts,
                 "attention_kv_bytes_per_layer": 2 * seq * a.kv_heads * a.head_dim * 2,  # bf16 K and V cache
                 "logits_bytes": seq * m.vocab_size * 4,  # fp32 logits of the loss
-                "estimated_bytes": _estimate_bytes(m, seq)}
+                "estimated_bytes": _estimate_bytes(m, seq),
+                "attention_backend": "sdpa causal" if doc_len is None else "document mask: " + attention_backend(
+                    device, head_dim=a.head_dim, group=a.heads // a.kv_heads)}
         if fail:
             emit({**head, **fail})
             continue
@@ -553,7 +675,8 @@ def bench_memory(cfg, device: torch.device, args, emit) -> None:
         if seq_fail:
             emit({**head, **seq_fail})
         else:
-            emit({**head, "peak_bytes": mem.peak, "peak_added_bytes": mem.added})
+            emit({**head, "peak_bytes": mem.peak, "peak_added_bytes": mem.added,
+                  "peak_over_estimate": _sig(mem.peak / head["estimated_bytes"]) if mem.peak else None})
         _release(device)
 
 
@@ -577,6 +700,9 @@ def summarize(lines: list[dict], device: torch.device, *, quick: bool, wall_s: f
         "peak_bandwidth": peak_bandwidth(name) if device.type == "cuda" else None,
         "peak_mem_method": PEAK_MEM_METHOD[device.type],
         "mfu": mfu, "step_tokens_per_s": step["tokens_per_s"] if step else None,
+        "step_liquid_scan_impl": step["liquid_scan_impl"] if step else None,
+        "step_attention_backend": step["attention_backend"] if step else None,
+        "step_host_syncs": step["host_syncs_per_step"] if step else None,
         "best_scan_bandwidth_fraction": best["bandwidth_fraction"] if best else None,
         "best_scan_bandwidth_at": {"impl": best["impl"], "seq": best["seq"]} if best else None,
         f"liquid_scan_seconds_at_{TARGET_SEQ}": liquid_at["seconds"] if liquid_at else None,
@@ -602,9 +728,12 @@ _PROGRESS = (("seconds", "{:.4g} s"), ("liquid_seconds", "liquid {:.4g} s"),
 
 
 def _progress(d: dict) -> None:
-    what = " ".join(str(d[k]) for k in ("section", "case", "impl", "liquid_impl") if d.get(k) is not None)
-    where = f" seq={d['seq']}" if "seq" in d else ""
-    if "skipped" in d or "error" in d:
+    what = " ".join(str(d[k]) for k in ("section", "what", "case", "impl", "liquid_impl", "liquid_scan_impl")
+                    if d.get(k) is not None)
+    where = (f" seq={d['seq']}" if "seq" in d else "") + (f" doc_len={d['doc_len']}" if d.get("doc_len") else "")
+    if d["section"] == "profile":
+        msg = f"{d['timer']} {d['total_ms']} ms, shares {d['share']}"
+    elif "skipped" in d or "error" in d:
         msg = f"skipped: {d['skipped']}" if "skipped" in d else f"ERROR: {d['error']}"
     else:
         msg = ", ".join(fmt.format(d[k]) for k, fmt in _PROGRESS if d.get(k) is not None)
@@ -629,6 +758,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc-len", type=int, default=None,
                    help="memory section: also packed documents of this many tokens (default 4096)")
     p.add_argument("--step-seq", type=int, default=None, help="step section seq (default 4096)")
+    p.add_argument("--step-doc-len", type=int, default=None,
+                   help="step section: also a step on packed documents of this many tokens (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="step section rows per step (default 1)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before each measurement (default 3)")
@@ -636,7 +767,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
-    for key in ("step_seq", "steps", "warmup", "repeats", "doc_len"):
+    for key in ("step_seq", "step_doc_len", "steps", "warmup", "repeats", "doc_len"):
         if getattr(args, key) is None:
             setattr(args, key, base[key])
     for key, flag in (("seqs", "--seqs"), ("memory_seqs", "--memory-seqs")):
@@ -650,8 +781,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not sections or bad:
         p.error(f"--sections: unknown {bad or 'none given'}; choose from {', '.join(SECTIONS)}")
     args.sections = sections
-    if min(args.step_seq, args.batch, args.steps, args.repeats, args.doc_len) < 1 or args.warmup < 0:
-        p.error("--step-seq, --batch, --steps, --repeats and --doc-len must be >= 1, --warmup >= 0")
+    if min(args.step_seq, args.step_doc_len, args.batch, args.steps, args.repeats, args.doc_len) < 1 or args.warmup < 0:
+        p.error("--step-seq, --step-doc-len, --batch, --steps, --repeats and --doc-len must be >= 1, --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -17,7 +17,7 @@ from parallel.topology import Topology
 from pretrain.config import AttentionConfig, LiquidConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig
 from pretrain.model.model import build_model
 from pretrain.train.step import Placement, train_step
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import backend, run_distributed
 
 MODEL = ModelConfig(vocab_size=64, d_model=32, num_layers=3, mixer="liquid", attention_layers=[1], dense_layers=1,
                     dense_dim=64, liquid=LiquidConfig(heads=2, key_dim=8, value_dim=8, chunk_size=8),
@@ -145,6 +145,7 @@ def _distributed_cases(rank, world, cases, resume_case):
                 results["resume"] = _run_case(case, topology, resume_after=1)
                 results["bf16"] = _run_case(case, topology, dtype=torch.bfloat16)
         destroy_topology()
+    results["backend"] = dist.get_backend()
     return results
 
 
@@ -244,6 +245,22 @@ def test_one_process_bf16_masters_close_to_fp32(reference, two_ranks):
             deepspeed = r["bf16"][step]
             assert abs(deepspeed["loss"] - got["loss"]) < BF16_MATCH * got["loss"], (step, deepspeed["loss"], got["loss"])
             assert abs(deepspeed["norm"] - got["norm"]) < BF16_MATCH * got["norm"], (step, deepspeed["norm"], got["norm"])
+
+
+ONE_RANK_CASES = [(1, 1, 1, 1, 1), (1, 1, 1, 1, 2)]
+
+
+def test_one_rank_in_a_process_group_equals_single_process(reference):
+    """World size 1 in a real process group: NCCL on the GPU with LIQUID_TEST_NCCL=1 (the model and step on
+    CUDA in fp32 against the CPU reference, TF32 off as by default), gloo elsewhere. One rank keeps the
+    LocalEngine, so this checks the process group, the megatron groups and the device placement of the
+    training step, with and without accumulation."""
+    ranks = run_distributed(_distributed_cases, 1, ONE_RANK_CASES, None)
+    assert ranks[0]["backend"] == backend(1)  # nccl where LIQUID_TEST_NCCL=1 and a GPU is visible
+    for case in ONE_RANK_CASES:
+        _check_equal([r[case] for r in ranks], reference, ep=1)
+        for step, ref in enumerate(reference):
+            assert ranks[0][case][step]["counts"] == ref["counts"], (case, step)
 
 
 def test_one_rank_keeps_the_local_engine():
