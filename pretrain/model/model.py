@@ -321,7 +321,7 @@ def _init_normal(p, std: float, *, seed: int, key: str, first_index: int | None)
     parts = [(p, None)] if first_index is None else [(w, first_index + e) for e, w in enumerate(p.unbind(0))]
     for part, index in parts:
         g = torch.Generator().manual_seed(_seed_of(seed, key, index))
-        part.copy_(torch.empty(part.shape).normal_(0.0, std, generator=g))
+        part.copy_(torch.empty(part.shape, device="cpu").normal_(0.0, std, generator=g))
 
 
 def _seed_of(seed: int, key: str, index: int | None) -> int:

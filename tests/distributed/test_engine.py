@@ -29,6 +29,7 @@ MODEL = ModelConfig(vocab_size=64, d_model=32, num_layers=3, mixer="liquid", att
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=1, eps=1e-3)
 ROWS, SEQ, STEPS, MAX_STEPS = 4, 16, 2, 10
 RTOL = 1e-5
+CUDA_RTOL = 1e-4  # a CUDA rank against the CPU reference (test_one_rank_in_a_process_group_equals_single_process)
 BF16_MATCH = 5e-3  # LocalEngine's bf16 mode vs DeepSpeed's: bf16 rounding in other orders
 # Adam normalises each update (lr-sized, larger than these small weights), so bf16-rounded gradients near zero
 # move a weight by a whole step the other way: several percent of the weight tensor after a step.
@@ -177,19 +178,19 @@ def _expected(ref: dict, name: str, *, ep_rank: int, ep: int):
     return value
 
 
-def _check_equal(ranks_by_step, reference, *, ep):
+def _check_equal(ranks_by_step, reference, *, ep, rtol=RTOL):
     for step, ref in enumerate(reference):
         ranks = [r[step] for r in ranks_by_step]
         for rank, r in enumerate(ranks):
-            _close(r["loss"], ref["loss"], f"step {step} loss (rank {rank}: the mean over ranks)")
-            _close(r["norm"], ref["norm"], f"step {step} grad norm")
-            _close(r["lr"], ref["lr"], f"step {step} lr")
+            _close(r["loss"], ref["loss"], f"step {step} loss (rank {rank}: the mean over ranks)", rtol)
+            _close(r["norm"], ref["norm"], f"step {step} grad norm", rtol)
+            _close(r["lr"], ref["lr"], f"step {step} lr", rtol)
             assert len(r["grads"]) == len(ref["grads"]) and len(r["weights"]) == len(ref["weights"])
             for name, g in r["grads"].items():  # relative to 1e-3 of the whole gradient at least
                 _close(g, _expected(ref["grads"], name, ep_rank=rank % ep, ep=ep), f"step {step} grad {name}",
-                       floor=1e-3 * ref["norm"])
+                       rtol, floor=1e-3 * ref["norm"])
             for name, w in r["weights"].items():
-                _close(w, _expected(ref["weights"], name, ep_rank=rank % ep, ep=ep), f"step {step} weight {name}")
+                _close(w, _expected(ref["weights"], name, ep_rank=rank % ep, ep=ep), f"step {step} weight {name}", rtol)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -257,8 +258,11 @@ def test_one_rank_in_a_process_group_equals_single_process(reference):
     training step, with and without accumulation."""
     ranks = run_distributed(_distributed_cases, 1, ONE_RANK_CASES, None)
     assert ranks[0]["backend"] == backend(1)  # nccl where LIQUID_TEST_NCCL=1 and a GPU is visible
+    # CUDA against the CPU reference: fp32 kernels that sum in other orders. Measured on an H200: 1.15e-5
+    # on one gradient after step 1 (the CPU-against-CPU 1e-5 does not hold there).
+    rtol = RTOL if ranks[0]["backend"] == "gloo" else CUDA_RTOL
     for case in ONE_RANK_CASES:
-        _check_equal([r[case] for r in ranks], reference, ep=1)
+        _check_equal([r[case] for r in ranks], reference, ep=1, rtol=rtol)
         for step, ref in enumerate(reference):
             assert ranks[0][case][step]["counts"] == ref["counts"], (case, step)
 
