@@ -502,8 +502,11 @@ def profile_summary(fn, device: torch.device, *, top: int = 12) -> dict:
         fn()
         sync(device)
     if cuda:
+        # Kernels only: a record_function range (e.g. "Optimizer.step#AdamW.step") also shows up with device
+        # time, the kernels inside it counted a second time.
         rows = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
-                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+                and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
                 if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
