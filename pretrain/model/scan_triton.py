@@ -21,11 +21,12 @@ backward="recompute" instead recomputes the forward with the PyTorch chunked pat
 forced onto the PyTorch implementation while recomputing) and differentiates it; kept for side-by-side
 comparison (one extra PyTorch forward and that path's memory for the layer being differentiated).
 
-Checked against the token-by-token reference under TRITON_INTERPRET=1 on the CPU (the tests), and in one
-session on an H200 (triton 3.6): the CUDA test (fp32 and bf16, both backwards, TF32 off) passed. Speed
-there (B 8, T 2048, H 8, N 64, P 128, bf16 inputs, forward + backward): with TF32 allowed 1.6 ms against
-6.9 ms for the PyTorch path; with TF32 off (PyTorch's default; the kernels then use "ieee" float32 dots)
-8.6 ms against 5.9 ms, i.e. SLOWER than the PyTorch path. One measurement each, not a benchmark suite.
+Checked against the token-by-token reference under TRITON_INTERPRET=1 on the CPU (the tests) and on an
+H200 (Triton 3.6): the CUDA test passed for fp32 within 1e-5 and bf16 within one bf16 rounding, both
+backwards, with every dot in exact float32. Since then the dots run in TF32 for 16-bit inputs
+(`_precision`), because in exact float32 this path was slower than the PyTorch one on the H200 (8.6 ms
+against 5.9 ms at batch 8, seq 2048, 8 heads). The benchmark ran the TF32 form at the preset's shapes
+(README, "GPU results"); the CUDA test has not yet run against it.
 
 Dispatch: `use_triton(q)` says whether `scan.liquid_scan` should route here: CUDA tensors, triton
 importable, not inside this module's own recomputation, and env LIQUID_SCAN_TRITON not "0" (the default
@@ -417,7 +418,12 @@ def _backward(q, k, v, log_decay, initial_state, final, grad_y, grad_state, chun
         # d log_decay_j = sum over t >= j of dL/db_t; a reset has zero gradient (its decay exp(-inf) is 0).
         g = (q.float() * dq32).sum(-1) - (k.float() * dk32).sum(-1)  # [batch, seq, heads]
         g[:, -1] += (g_state * final).sum((-2, -1))
-        d_ld = g.flip(1).cumsum(1).flip(1).masked_fill(torch.isneginf(log_decay), 0.0).to(log_decay.dtype)
+        # The reverse cumsum runs along the last dimension: along dim 1 of [batch, seq, heads] torch's CUDA
+        # scan took 5.6 ms of the 21 ms forward + backward at seq 32768, 16 heads on an H200 (few, long,
+        # strided columns).
+        g = g.transpose(1, 2).contiguous()  # [batch, heads, seq]
+        d_ld = g.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+        d_ld = d_ld.masked_fill(torch.isneginf(log_decay), 0.0).to(log_decay.dtype)
     return [dq32.to(q.dtype) if need_q else None, dk32.to(k.dtype) if need_k else None, dv, d_ld,
             d_s0.to(initial_state.dtype) if need_s0 else None]
 
