@@ -67,6 +67,28 @@ def use_triton(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _chunk_decays(ld, causal):
+        """A chunk's decays from its log decays `ld` [CHUNK] (-inf = reset), as `scan._chunk_group` makes
+        them: resets become segment ids, pairs in different segments are masked out and the carried state is
+        dropped after a reset. Returns the pair decays D [CHUNK, CHUNK] (exp(cum_t - cum_s) for s <= t in
+        one segment, else 0; the where keeps exp's overflowing upper triangle out), from_start [CHUNK]
+        (decay from the chunk start to t, 0 after a reset), to_end [CHUNK] (decay from t to the chunk end,
+        0 before the last reset) and chunk_decay (the whole chunk's, 0 if it holds a reset)."""
+        reset = ld == float("-inf")
+        ld = tl.where(reset, 0.0, ld)
+        cum = tl.cumsum(ld, axis=0)  # log decay from the chunk start to t, inclusive; finite
+        seg = tl.cumsum(reset.to(tl.int32), axis=0)  # resets up to and including t
+        total = tl.sum(ld, axis=0)
+        last_seg = tl.sum(reset.to(tl.int32), axis=0)
+        pair_ok = causal & (seg[:, None] == seg[None, :])
+        decay = tl.where(pair_ok, tl.exp(cum[:, None] - cum[None, :]), 0.0)
+        from_start = tl.where(seg == 0, tl.exp(cum), 0.0)
+        to_end = tl.where(seg == last_seg, tl.exp(total - cum), 0.0)
+        chunk_decay = tl.where(last_seg == 0, tl.exp(total), 0.0)
+        return decay, from_start, to_end, chunk_decay
+
+
+    @triton.jit
     def _liquid_scan_fwd_kernel(
         Q, K, V, LD, S0, Y, SF,
         seq, heads, n_dim, p_dim,
@@ -116,29 +138,18 @@ if triton is not None:
             # Padding: log decay 0 and k = 0, so the state is unaffected by it.
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
-            reset = ld == float("-inf")
-            ld = tl.where(reset, 0.0, ld)
-            cum = tl.cumsum(ld, axis=0)  # log decay from chunk start to t, inclusive; finite
-            seg = tl.cumsum(reset.to(tl.int32), axis=0)  # resets up to and including t
-            total = tl.sum(ld, axis=0)
-            last_seg = tl.sum(reset.to(tl.int32), axis=0)
+            decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
 
-            # Intra-chunk: (q k^T * decay) v, decay masked to s <= t in the same segment. The where keeps
-            # exp's overflowing upper triangle out of the result.
-            pair_ok = causal & (seg[:, None] == seg[None, :])
-            decay = tl.where(pair_ok, tl.exp(cum[:, None] - cum[None, :]), 0.0)
+            # Intra-chunk: (q k^T * decay) v, decay masked to s <= t in the same segment.
             scores = tl.dot(qc, tl.trans(kc), input_precision=PRECISION) * decay
             y = tl.dot(scores, vc, input_precision=PRECISION)
 
             # Carried state, decayed from the chunk start up to t (dropped after a reset in the chunk).
-            from_start = tl.where(seg == 0, tl.exp(cum), 0.0)
             y += tl.dot(qc * from_start[:, None], state, input_precision=PRECISION)
             tl.store(y_base + t[:, None] * sy_t + offs_p[None, :] * sy_p, y.to(Y.dtype.element_ty),
                      mask=mask_t[:, None] & mask_p[None, :])
 
             # State at the chunk end: decayed carried state plus this chunk's own contribution.
-            to_end = tl.where(seg == last_seg, tl.exp(total - cum), 0.0)
-            chunk_decay = tl.where(last_seg == 0, tl.exp(total), 0.0)
             state = chunk_decay * state + tl.dot(tl.trans(kc * to_end[:, None]), vc, input_precision=PRECISION)
 
         tl.store(SF + s_ptrs, state, mask=s_mask)
@@ -193,25 +204,15 @@ if triton is not None:
                           mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
-            reset = ld == float("-inf")
-            ld = tl.where(reset, 0.0, ld)
-            cum = tl.cumsum(ld, axis=0)
-            seg = tl.cumsum(reset.to(tl.int32), axis=0)
-            total = tl.sum(ld, axis=0)
-            last_seg = tl.sum(reset.to(tl.int32), axis=0)
-            pair_ok = causal & (seg[:, None] == seg[None, :])
-            decay = tl.where(pair_ok, tl.exp(cum[:, None] - cum[None, :]), 0.0)
+            decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
 
             # dY V^T * decay: [t, s]
             a = tl.dot(dyc, tl.trans(vc), input_precision=PRECISION) * decay
             dq = tl.dot(a, kc, input_precision=PRECISION)
-            from_start = tl.where(seg == 0, tl.exp(cum), 0.0)
             dq += from_start[:, None] * tl.dot(dyc, tl.trans(state), input_precision=PRECISION)
             tl.store(o_base + t[:, None] * so_t + offs_n[None, :] * so_n, dq,
                      mask=mask_t[:, None] & mask_n[None, :])
 
-            to_end = tl.where(seg == last_seg, tl.exp(total - cum), 0.0)
-            chunk_decay = tl.where(last_seg == 0, tl.exp(total), 0.0)
             state = chunk_decay * state + tl.dot(tl.trans(kc * to_end[:, None]), vc, input_precision=PRECISION)
 
     @triton.jit
@@ -266,21 +267,13 @@ if triton is not None:
             dyc = tl.load(d_base + t[:, None] * sd_t + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0).to(tl.float32)
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
-            reset = ld == float("-inf")
-            ld = tl.where(reset, 0.0, ld)
-            cum = tl.cumsum(ld, axis=0)
-            seg = tl.cumsum(reset.to(tl.int32), axis=0)
-            total = tl.sum(ld, axis=0)
-            last_seg = tl.sum(reset.to(tl.int32), axis=0)
-            to_end = tl.where(seg == last_seg, tl.exp(total - cum), 0.0)
+            decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
 
             if STORE_DK or STORE_DV:
                 kc = tl.load(k_base + t[:, None] * sk_t + offs_n[None, :] * sk_n, mask=mask_tn,
                              other=0.0).to(tl.float32)
                 vc = tl.load(v_base + t[:, None] * sv_t + offs_p[None, :] * sv_p, mask=mask_tp,
                              other=0.0).to(tl.float32)
-                pair_ok = causal & (seg[:, None] == seg[None, :])
-                decay = tl.where(pair_ok, tl.exp(cum[:, None] - cum[None, :]), 0.0)
                 if STORE_DK:
                     a = tl.dot(dyc, tl.trans(vc), input_precision=PRECISION) * decay  # [t, s]
                     dk = tl.dot(tl.trans(a), qc, input_precision=PRECISION)
@@ -293,8 +286,6 @@ if triton is not None:
                     tl.store(dv_base + t[:, None] * sdv_t + offs_p[None, :] * sdv_p, dv.to(DV.dtype.element_ty),
                              mask=mask_tp)
 
-            from_start = tl.where(seg == 0, tl.exp(cum), 0.0)
-            chunk_decay = tl.where(last_seg == 0, tl.exp(total), 0.0)
             ds = chunk_decay * ds + tl.dot(tl.trans(qc * from_start[:, None]), dyc, input_precision=PRECISION)
 
         if STORE_DS0:
