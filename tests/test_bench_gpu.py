@@ -83,7 +83,8 @@ def test_step_section_counts_flops_as_flops_py(quick_run):
     sliced = load_config(PRESET, QUICK_OVERRIDES + SINGLE + [
         f"model.num_layers={SLICE_LAYERS}", "model.attention_layers=[2]", "model.dense_layers=0"]).model
     assert step["flops_per_token"] == flops_per_token(sliced, QUICK_STEP_SEQ)
-    assert step["seq"] == QUICK_STEP_SEQ and step["batch"] == 1
+    assert step["seq"] == QUICK_STEP_SEQ and step["batch"] == 1 and step["grad_accum"] == 1
+    assert step["tokens_per_step"] == QUICK_STEP_SEQ
     assert step["step_seconds"] > 0 and step["fwd_bwd_seconds"] > 0 and step["optimizer_seconds"] >= 0
     assert step["tokens_per_s"] == pytest.approx(QUICK_STEP_SEQ / step["step_seconds"], rel=1e-3)
     assert step["mfu"] is None and step["mfu_fwd_bwd"] is None and step["peak_flops"] is None  # CPU
@@ -161,6 +162,18 @@ def test_scan_byte_model():
     assert scan_bytes(2, 10, 3, 4, 5) == 2 * 10 * 3 * (3 * (13 * 2 + 4) + 2 * 5 * 2) + 2 * 2 * 3 * 4 * 5 * 4
 
 
+def test_step_defaults_to_one_rank_of_the_preset():
+    """Full size: the preset's micro-batch (4 rows) and one rank's accumulation (1024 rows / (4 x dp 64)),
+    so the optimizer's cost is spread over as many tokens as in training; --quick: 1 and 1."""
+    from pretrain.bench.gpu import preset_accumulation
+
+    assert preset_accumulation() == (4, 4)
+    full = parse_args(["--device", "cpu"])
+    assert (full.batch, full.grad_accum) == (4, 4)
+    quick = parse_args(["--device", "cpu", "--quick", "--grad-accum", "2"])
+    assert (quick.batch, quick.grad_accum) == (1, 2)
+
+
 def test_slice_is_one_period_of_the_preset():
     preset = load_config(PRESET, SINGLE).model
     sliced = load_config(PRESET, SINGLE + slice_overrides(preset)).model
@@ -176,6 +189,7 @@ def test_slice_is_one_period_of_the_preset():
     (["--seqs", "256,x"], "--seqs"),
     (["--memory-seqs", "0"], "--memory-seqs"),
     (["--steps", "0"], "--steps"),
+    (["--grad-accum", "0"], "--grad-accum"),
 ])
 def test_bad_input_is_refused_clearly(argv, match, capsys):
     with pytest.raises(SystemExit) as err:

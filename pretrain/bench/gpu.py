@@ -28,18 +28,22 @@ scan (per seq of `--seqs`, default 4096..65536, batch 1; the preset's liquid and
 step: a training step of a slice of the preset: layers SLICE_START .. SLICE_START+SLICE_LAYERS-1 (4-7:
   liquid, liquid, attention, liquid; all MoE, so one period of the repeating layer pattern without the
   dense first layers), every width, expert and the vocabulary as in the preset, all experts local
-  (dp = ep = cp = 1), seq `--step-seq` (4096) x batch `--batch` (1), one document per row (attention takes
-  its causal path, flash where the device has it; the loader's batches carry doc_start, with which
-  AttentionMixer attends block by block under a DocumentMask instead), the scan as liquid_scan dispatches it (LIQUID_SCAN_TRITON=1 selects the Triton
-  forward on CUDA; reported as liquid_scan_impl). Precision as the preset trains (train.dtype=bf16):
-  bf16 weights and gradients under bf16 autocast, fp32 master weights and AdamW state, gradient clipping
-  (`build_engine(..., dtype=torch.bfloat16)` on one process: LocalEngine's bf16 mode, DeepSpeed's bf16 mode
-  without the sharding); the step is `pretrain.train.step.train_step`, the one the training loop runs.
-  `--warmup` steps, then `--steps` timed ones:
-    tokens_per_s = batch * seq / mean step time;  MFU = tokens_per_s * flops_per_token(slice, seq) /
-    peak_flops(device) (flops.py's convention; null where the peak is unknown, e.g. on the CPU).
-  mfu_fwd_bwd uses the forward+backward time alone: the real run spreads one optimizer step over many more
-  tokens (grad accumulation, ZeRO-sharded state), so the two bracket it.
+  (dp = ep = cp = 1). One optimizer step as one rank of the preset takes it: `--grad-accum` micro-batches
+  (default the preset's global_batch_size / (micro_batch_size x dp) = 4) of `--batch` rows (default its
+  micro_batch_size, 4) of `--step-seq` tokens (4096). Three variants, one model and engine for all (see
+  step_variants): the scan liquid_scan dispatches to (Triton on CUDA unless LIQUID_SCAN_TRITON=0), the
+  PyTorch scan where that differs, and packed documents of `--step-doc-len` tokens (the loader's doc_start:
+  attention under a DocumentMask, FlexAttention on CUDA); one document per row otherwise (causal SDPA).
+  Precision as the preset trains (train.dtype=bf16): bf16 weights and gradients under bf16 autocast, fp32
+  master weights and AdamW state, gradient clipping (`build_engine(..., dtype=torch.bfloat16)` on one
+  process: LocalEngine's bf16 mode, DeepSpeed's bf16 mode without the sharding); the step is
+  `pretrain.train.step.train_step`, the one the training loop runs. `--warmup` steps, then `--steps` timed
+  ones:
+    tokens_per_s = grad_accum * batch * seq / mean step time;  MFU = tokens_per_s * flops_per_token(slice,
+    seq) / peak_flops(device) (flops.py's convention; null where the peak is unknown, e.g. on the CPU).
+  mfu_fwd_bwd uses the forward+backward time alone (the optimizer's share shrinks as a rank's step holds
+  more tokens: ZeRO shards its state over the data-parallel ranks). Each line also counts one step's host
+  synchronisations (count_host_syncs) and is followed by a profile line (profile_summary).
 
 memory: peak memory of one forward+backward of the same slice (bf16 weights) at each of `--memory-seqs`
   (4096, 32768, 131072; batch 1, CP=1), once as one document (doc_len null) and once as packed documents
@@ -534,23 +538,46 @@ def step_variants(device: torch.device, args) -> list[dict]:
     return runs
 
 
+def preset_accumulation() -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) of one rank of the preset as it trains: rows per micro-batch, and
+    global batch / (micro-batch x dp) micro-batches per optimizer step."""
+    train, dp = load_config(PRESET).train, load_config(PRESET).parallel.dp
+    return train.micro_batch_size, max(1, train.global_batch_size // (train.micro_batch_size * dp))
+
+
 def bench_train_step(cfg, device: torch.device, args, emit) -> None:
-    """The step section (module docstring): one line per step_variants entry, then a profile line each."""
-    for variant in step_variants(device, args):
-        scope = _triton_dispatch(variant["scan_env"]) if variant["scan_env"] else contextlib.nullcontext()
-        with scope:
-            _bench_one_step(cfg, device, args, emit, doc_len=variant["doc_len"])
-        _release(device)
-
-
-def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | None) -> None:
+    """The step section (module docstring): one line per step_variants entry, then a profile line each.
+    One model and engine serve every variant (building 1.6B parameters costs more than the steps)."""
     from parallel.engine import build_engine
     from parallel.topology import Topology
-    from pretrain.model.mixers import attention_backend
     from pretrain.model.model import build_model
-    from pretrain.train.step import Placement, train_step
+    from pretrain.train.step import Placement
 
-    seq, batch = args.step_seq, args.batch
+    variants = step_variants(device, args)
+
+    def build():
+        torch.manual_seed(SEED)
+        model = build_model(cfg.model, device)
+        topology = Topology.single()
+        steps = len(variants) * (args.warmup + args.steps + 2)
+        engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=steps,
+                              grad_accum=args.grad_accum, micro_batch_size=args.batch, dtype=torch.bfloat16)
+        return model.train(), engine, Placement(topology, device, autocast_dtype=torch.bfloat16)
+
+    built, fail = _attempt(build, device)
+    for variant in variants:
+        scope = _triton_dispatch(variant["scan_env"]) if variant["scan_env"] else contextlib.nullcontext()
+        with scope:
+            _bench_one_step(cfg, device, args, emit, built, fail, doc_len=variant["doc_len"])
+    del built
+    _release(device)
+
+
+def _bench_one_step(cfg, device: torch.device, args, emit, built, build_fail, *, doc_len: int | None) -> None:
+    from pretrain.model.mixers import attention_backend
+    from pretrain.train.step import train_step
+
+    seq, batch, accum = args.step_seq, args.batch, args.grad_accum
     a = cfg.model.attention
     if doc_len is None:  # causal SDPA: the backend torch picks for the mixer's q, k, v
         probe = [torch.empty(batch, h, seq, a.head_dim, device=device, dtype=torch.bfloat16)
@@ -559,23 +586,22 @@ def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | Non
         del probe
     else:
         attn = "document mask: " + attention_backend(device, head_dim=a.head_dim, group=a.heads // a.kv_heads)
-    head = {"section": "step", "seq": seq, "batch": batch, "doc_len": doc_len, **_slice_facts(cfg.model, seq),
+    head = {"section": "step", "seq": seq, "batch": batch, "grad_accum": accum, "tokens_per_step": accum * batch * seq,
+            "doc_len": doc_len, **_slice_facts(cfg.model, seq),
             "precision": "bf16 weights and gradients, bf16 autocast, fp32 master weights and AdamW state",
             "liquid_scan_impl": dispatched_scan_impl(device), "attention_backend": attn,
             "warmup": args.warmup, "steps": args.steps}
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    if build_fail:
+        emit({**head, **build_fail})
+        return
+    model, engine, place = built
 
     def go():
-        torch.manual_seed(SEED)
-        model = build_model(cfg.model, device)
-        topology = Topology.single()
-        engine = build_engine(model, cfg.optim, cfg.parallel, topology, max_steps=args.warmup + args.steps + 2,
-                              grad_accum=1, micro_batch_size=batch, dtype=torch.bfloat16)
-        place = Placement(topology, device, autocast_dtype=torch.bfloat16)
         data = _random_batch(cfg.model.vocab_size, batch, seq, device)
         if doc_len is not None:
             data["doc_start"] = (torch.arange(seq, device=device) % doc_len == 0).expand(batch, seq).contiguous()
-        model.train()
+        micro = [data] * accum
 
         def step():
             start, backward_done = time.perf_counter(), []
@@ -584,7 +610,7 @@ def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | Non
                 sync(device)
                 backward_done.append(time.perf_counter())
 
-            result = train_step(engine, [data], place, before_update=before_update)
+            result = train_step(engine, micro, place, before_update=before_update)
             sync(device)
             return time.perf_counter() - start, backward_done[0] - start, result.loss
 
@@ -594,8 +620,8 @@ def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | Non
             runs = [step() for _ in range(args.steps)]
         # One more step each under the sync counter and the profiler (the step as the loop runs it: no
         # synchronisation of the bench's own in it).
-        syncs = count_host_syncs(lambda: train_step(engine, [data], place), device)
-        profile = profile_summary(lambda: train_step(engine, [data], place), device)
+        syncs = count_host_syncs(lambda: train_step(engine, micro, place), device)
+        profile = profile_summary(lambda: train_step(engine, micro, place), device)
         return runs, mem.peak, syncs, profile
 
     got, fail = _attempt(go, device)
@@ -605,13 +631,14 @@ def _bench_one_step(cfg, device: torch.device, args, emit, *, doc_len: int | Non
     runs, peak_bytes, syncs, profile = got
     step_s = statistics.mean(r[0] for r in runs)
     fwd_bwd_s = statistics.mean(r[1] for r in runs)
-    tps = batch * seq / step_s
+    tokens = head["tokens_per_step"]
+    tps = tokens / step_s
     fpt = head["flops_per_token"]
     emit({**head, "step_seconds": round(step_s, 9), "fwd_bwd_seconds": round(fwd_bwd_s, 9),
           "optimizer_seconds": round(step_s - fwd_bwd_s, 9), "runs": [round(r[0], 9) for r in runs],
           "tokens_per_s": round(tps, 1), "peak_flops": peak,
           "mfu": _sig(tps * fpt / peak) if peak else None,
-          "mfu_fwd_bwd": _sig(batch * seq / fwd_bwd_s * fpt / peak) if peak else None,
+          "mfu_fwd_bwd": _sig(tokens / fwd_bwd_s * fpt / peak) if peak else None,
           "peak_bytes": peak_bytes, "host_syncs_per_step": syncs["count"] if syncs else None,
           "host_sync_sites": syncs["where"] if syncs else None, "last_loss": round(runs[-1][2], 4)})
     emit({"section": "profile", "what": "step", "seq": seq, "doc_len": doc_len,
@@ -763,7 +790,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-seq", type=int, default=None, help="step section seq (default 4096)")
     p.add_argument("--step-doc-len", type=int, default=None,
                    help="step section: also a step on packed documents of this many tokens (default 1024)")
-    p.add_argument("--batch", type=int, default=1, help="step section rows per step (default 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="step section rows per micro-batch (default: the preset's micro_batch_size, 4; quick 1)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="step section micro-batches per optimizer step (default: one rank of the preset, "
+                        "global_batch_size / (micro_batch_size x dp) = 4; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before each measurement (default 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per scan-section measurement (default 5)")
@@ -784,8 +815,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not sections or bad:
         p.error(f"--sections: unknown {bad or 'none given'}; choose from {', '.join(SECTIONS)}")
     args.sections = sections
-    if min(args.step_seq, args.step_doc_len, args.batch, args.steps, args.repeats, args.doc_len) < 1 or args.warmup < 0:
-        p.error("--step-seq, --step-doc-len, --batch, --steps, --repeats and --doc-len must be >= 1, --warmup >= 0")
+    if args.batch is None or args.grad_accum is None:
+        micro, accum = (1, 1) if args.quick else preset_accumulation()
+        args.batch = micro if args.batch is None else args.batch
+        args.grad_accum = accum if args.grad_accum is None else args.grad_accum
+    if min(args.step_seq, args.step_doc_len, args.batch, args.grad_accum, args.steps, args.repeats,
+           args.doc_len) < 1 or args.warmup < 0:
+        p.error("--step-seq, --step-doc-len, --batch, --grad-accum, --steps, --repeats and --doc-len must be >= 1, "
+                "--warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu)")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
