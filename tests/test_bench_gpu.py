@@ -46,7 +46,7 @@ def test_stdout_is_one_json_line_per_measurement_then_the_summary(quick_run):
 def test_scan_section(quick_run):
     scan = [d for d in _lines(quick_run) if d["section"] == "scan"]
     by = {(d["case"], d.get("impl") or d.get("liquid_impl"), d["seq"]): d for d in scan}
-    assert len(by) == len(scan) == len(QUICK_SEQS) * 7  # liquid_scan x3 impls, sdpa, mixers x3 impls
+    assert len(by) == len(scan) == len(QUICK_SEQS) * 9  # liquid_scan x4 impls, sdpa, mixers x4 impls
     for seq in QUICK_SEQS:
         d = by[("liquid_scan", "pytorch", seq)]
         assert d["seconds"] > 0 and all(r > 0 for r in d["runs"]) and d["tokens_per_s"] > 0
@@ -56,7 +56,7 @@ def test_scan_section(quick_run):
         assert d["peak_bandwidth"] is None and d["bandwidth_fraction"] is None  # CPU: unknown peak
         assert (d["heads"], d["key_dim"], d["value_dim"], d["chunk_size"]) == (2, 16, 32, 32)  # --quick widths
         assert d["forward_seconds"] > 0 and d["backward_seconds"] == pytest.approx(d["seconds"] - d["forward_seconds"])
-        for impl in ("triton", "triton_recompute"):
+        for impl in ("triton", "triton_recompute", "triton_parallel"):
             assert "CUDA" in by[("liquid_scan", impl, seq)]["skipped"]
             assert "CUDA" in by[("mixers", impl, seq)]["skipped"]
         s = by[("sdpa", None, seq)]
@@ -217,7 +217,8 @@ def test_quick_run_on_cuda_measures_every_case():
     summary = lines[-1]
     steps = [d for d in lines if d["section"] == "step"]
     assert [(d["liquid_scan_impl"], d["doc_len"]) for d in steps] == (
-        [("triton", None), ("pytorch", None), ("triton", 64)] if triton_ok else [("pytorch", None), ("pytorch", 64)])
+        [("triton", None), ("triton_parallel", None), ("pytorch", None), ("triton", 64)] if triton_ok
+        else [("pytorch", None), ("pytorch", 64)])
     for step in steps:
         assert (step["mfu"] is None) == (summary["peak_flops"] is None)
         assert step["host_syncs_per_step"] is not None and step["host_syncs_per_step"] >= 0

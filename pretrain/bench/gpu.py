@@ -11,9 +11,11 @@ inputs included (PEAK_MEM_METHOD).
 scan (per seq of `--seqs`, default 4096..65536, batch 1; the preset's liquid and attention shapes)
   * case liquid_scan: forward+backward of the scan with q, k, v in bf16 and log_decay in fp32 (what
     LiquidMixer feeds it with bf16 weights), gradients given for y and the final state. impl "pytorch" is
-    the chunked PyTorch path (LIQUID_SCAN_TRITON=0 while the section runs); impl "triton" calls
-    `scan_triton.liquid_scan_triton` (Triton forward, backward by PyTorch recomputation; CUDA with triton
-    importable only, a skipped line otherwise). bytes_per_s = `scan_bytes` / seconds (the byte model in
+    the chunked PyTorch path (LIQUID_SCAN_TRITON=0 while the section runs); the Triton impls (TRITON_IMPLS:
+    "triton" the sequential kernels forward and backward, "triton_recompute" the same forward with the
+    PyTorch recomputation as backward, "triton_parallel" the chunk-parallel form) call
+    `scan_triton.liquid_scan_triton` (CUDA with triton importable only, a skipped line otherwise). Each line
+    also times the forward alone (forward_seconds, no_grad). bytes_per_s = `scan_bytes` / seconds (the byte model in
     its docstring), bandwidth_fraction = bytes_per_s / PEAK_BANDWIDTH of the device, flops_per_s = the
     scan term of pretrain/train/flops.py for one liquid layer / seconds.
   * case sdpa: causal F.scaled_dot_product_attention, forward+backward, bf16, with the preset's attention
@@ -96,9 +98,12 @@ QUICK_OVERRIDES = ["model.vocab_size=512", "model.d_model=128", "model.dense_dim
                    "model.attention.heads=4", "model.attention.kv_heads=2", "model.attention.head_dim=32",
                    "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=128"]
 TARGET_MFU, TARGET_BANDWIDTH_FRACTION, TARGET_SEQ = 0.40, 0.60, 32768
-# The Triton scan's measured variants: impl -> liquid_scan_triton's backward ("triton": the backward kernels,
-# "recompute": the PyTorch recomputation it replaced, kept beside it for the comparison).
-TRITON_IMPLS = {"triton": "triton", "triton_recompute": "recompute"}
+# The Triton scan's measured variants: impl -> liquid_scan_triton's keywords. "triton": the sequential
+# kernels (the default) with their backward kernels; "triton_recompute": the same forward, backward by the
+# PyTorch recomputation it replaced; "triton_parallel": the chunk-parallel form (scan_triton_parallel.py).
+TRITON_IMPLS = {"triton": {"backward": "triton", "form": "sequential"},
+                "triton_recompute": {"backward": "recompute", "form": "sequential"},
+                "triton_parallel": {"backward": "triton", "form": "parallel"}}
 SEED = 0
 # Peak memory bandwidth in bytes/s, matched as a substring of torch.cuda.getdevice_name() like
 # flops.PEAK_FLOPS (first match wins: the more specific names come first). CPU: unknown (None).
@@ -225,17 +230,19 @@ def _sig(x: float | None, digits: int = 4) -> float | None:
 
 
 @contextlib.contextmanager
-def _triton_dispatch(value: str):
-    """LIQUID_SCAN_TRITON=value while the block runs (liquid_scan reads it on every call)."""
-    old = os.environ.get("LIQUID_SCAN_TRITON")
-    os.environ["LIQUID_SCAN_TRITON"] = value
+def _scoped_env(values: dict):
+    """The environment variables in `values` set while the block runs (liquid_scan reads
+    LIQUID_SCAN_TRITON and LIQUID_SCAN_TRITON_FORM on every call)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["LIQUID_SCAN_TRITON"]
-        else:
-            os.environ["LIQUID_SCAN_TRITON"] = old
+        for key, value in old.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def scan_impls(device: torch.device) -> dict:
@@ -248,18 +255,21 @@ def scan_impls(device: torch.device) -> dict:
     if device.type == "cuda":
         from pretrain.model import scan_triton
 
-        for impl, backward in TRITON_IMPLS.items():
-            impls[impl] = (functools.partial(scan_triton.liquid_scan_triton, backward=backward)
+        for impl, kwargs in TRITON_IMPLS.items():
+            impls[impl] = (functools.partial(scan_triton.liquid_scan_triton, **kwargs)
                            if scan_triton.triton_available() else "triton is not importable")
     return impls
 
 
 def dispatched_scan_impl(device: torch.device) -> str:
-    """The impl liquid_scan takes inside the model here: "triton" where scan_triton.use_triton says so for a
+    """The impl liquid_scan takes inside the model here, named as in TRITON_IMPLS: "triton" (or
+    "triton_parallel" with LIQUID_SCAN_TRITON_FORM=parallel) where scan_triton.use_triton says so for a
     tensor on `device` (CUDA with triton, unless LIQUID_SCAN_TRITON=0), else "pytorch"."""
     from pretrain.model import scan_triton
 
-    return "triton" if scan_triton.use_triton(torch.empty(0, device=device)) else "pytorch"
+    if not scan_triton.use_triton(torch.empty(0, device=device)):
+        return "pytorch"
+    return "triton_parallel" if os.environ.get(scan_triton.FORM_ENV) == "parallel" else "triton"
 
 
 def _randn(g, device, *shape):
@@ -528,13 +538,15 @@ def profile_summary(fn, device: torch.device, *, top: int = 12) -> dict:
 
 def step_variants(device: torch.device, args) -> list[dict]:
     """The step section's runs: the scan impl liquid_scan dispatches to on this device (one document per
-    row: causal attention), the PyTorch scan beside it where that is a different impl, and packed documents
-    of args.step_doc_len tokens (attention under the DocumentMask, as the loader's rows come)."""
-    runs = [{"scan_env": None, "doc_len": None}]
+    row: causal attention); where that is Triton, its chunk-parallel form and the PyTorch scan beside it;
+    and packed documents of args.step_doc_len tokens (attention under the DocumentMask, as the loader's
+    rows come)."""
+    runs = [{"env": {}, "doc_len": None}]
     if dispatched_scan_impl(device) != "pytorch":
-        runs.append({"scan_env": "0", "doc_len": None})
+        runs.append({"env": {"LIQUID_SCAN_TRITON_FORM": "parallel"}, "doc_len": None})
+        runs.append({"env": {"LIQUID_SCAN_TRITON": "0"}, "doc_len": None})
     if args.step_doc_len < args.step_seq:
-        runs.append({"scan_env": None, "doc_len": args.step_doc_len})
+        runs.append({"env": {}, "doc_len": args.step_doc_len})
     return runs
 
 
@@ -566,8 +578,7 @@ def bench_train_step(cfg, device: torch.device, args, emit) -> None:
 
     built, fail = _attempt(build, device)
     for variant in variants:
-        scope = _triton_dispatch(variant["scan_env"]) if variant["scan_env"] else contextlib.nullcontext()
-        with scope:
+        with _scoped_env(variant["env"]):
             _bench_one_step(cfg, device, args, emit, built, fail, doc_len=variant["doc_len"])
     del built
     _release(device)
@@ -855,7 +866,7 @@ def main_gpu(argv=None) -> list[dict]:
     log("gpu", f"{device_name(device)} ({device.type}), torch {torch.__version__}, sections "
                f"{','.join(args.sections)}{' (quick)' if args.quick else ''}")
     if "scan" in args.sections:
-        with _triton_dispatch("0"):
+        with _scoped_env({"LIQUID_SCAN_TRITON": "0"}):
             bench_scan(bench_config(quick=args.quick, seq=max(args.seqs), batch=1, sliced=False), device, args, emit)
     for name, fn, seq, batch in (("step", bench_train_step, args.step_seq, args.batch),
                                  ("memory", bench_memory, max(args.memory_seqs), 1)):

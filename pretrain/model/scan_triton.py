@@ -28,6 +28,11 @@ backwards, with every dot in exact float32. Since then the dots run in TF32 for 
 against 5.9 ms at batch 8, seq 2048, 8 heads). The benchmark ran the TF32 form at the preset's shapes
 (README, "GPU results"); the CUDA test has not yet run against it.
 
+Form: the kernels above are the "sequential" form, the default. `form="parallel"` (or env
+LIQUID_SCAN_TRITON_FORM=parallel) runs scan_triton_parallel.py instead: chunks in parallel, only the
+state hand-over between chunks in order (written for the H200's finding that 16-32 programs leave most of
+its 132 SMs idle; not yet run on a GPU).
+
 Dispatch: `use_triton(q)` says whether `scan.liquid_scan` should route here: CUDA tensors, triton
 importable, not inside this module's own recomputation, and env LIQUID_SCAN_TRITON not "0" (the default
 is on; LIQUID_SCAN_TRITON=0 opts out). On the CPU the kernels run only under TRITON_INTERPRET=1 (the tests
@@ -401,35 +406,51 @@ def _backward(q, k, v, log_decay, initial_state, final, grad_y, grad_state, chun
             num_warps=BWD_NUM_WARPS[precision], num_stages=BWD_NUM_STAGES,
         )
 
-    d_ld = None
-    if need_ld:
-        # The loss depends on log_decay only through b_t = cumsum of log_decay with resets zeroed: via
-        # exp(b_t - b_s) within a segment, exp(b_t) on the initial state in the first segment and exp(b_T) in
-        # the final state. So dL/db_t = q_t.dq_t - k_t.dk_t (+ <dS_T, S_T> at the last position) and
-        # d log_decay_j = sum over t >= j of dL/db_t; a reset has zero gradient (its decay exp(-inf) is 0).
-        g = (q.float() * dq32).sum(-1) - (k.float() * dk32).sum(-1)  # [batch, seq, heads]
-        g[:, -1] += (g_state * final).sum((-2, -1))
-        # The reverse cumsum runs along the last dimension: along dim 1 of [batch, seq, heads] torch's CUDA
-        # scan took 5.6 ms of the 21 ms forward + backward at seq 32768, 16 heads on an H200 (few, long,
-        # strided columns).
-        g = g.transpose(1, 2).contiguous()  # [batch, heads, seq]
-        d_ld = g.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
-        d_ld = d_ld.masked_fill(torch.isneginf(log_decay), 0.0).to(log_decay.dtype)
+    d_ld = _dlog_decay(q, k, dq32, dk32, g_state, final, log_decay) if need_ld else None
     return [dq32.to(q.dtype) if need_q else None, dk32.to(k.dtype) if need_k else None, dv, d_ld,
             d_s0.to(initial_state.dtype) if need_s0 else None]
 
 
+def _dlog_decay(q, k, dq32, dk32, g_state, final, log_decay):
+    """d log_decay from the float32 dq and dk. The loss depends on log_decay only through b_t = cumsum of
+    log_decay with resets zeroed: via exp(b_t - b_s) within a segment, exp(b_t) on the initial state in the
+    first segment and exp(b_T) in the final state. So dL/db_t = q_t.dq_t - k_t.dk_t (+ <dS_T, S_T> at the
+    last position) and d log_decay_j = sum over t >= j of dL/db_t; a reset has zero gradient (its decay
+    exp(-inf) is 0)."""
+    g = (q.float() * dq32).sum(-1) - (k.float() * dk32).sum(-1)  # [batch, seq, heads]
+    g[:, -1] += (g_state * final).sum((-2, -1))
+    # The reverse cumsum runs along the last dimension: along dim 1 of [batch, seq, heads] torch's CUDA scan
+    # took 5.6 ms of the 21 ms forward + backward at seq 32768, 16 heads on an H200 (few, long, strided
+    # columns).
+    g = g.transpose(1, 2).contiguous()  # [batch, heads, seq]
+    d_ld = g.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    return d_ld.masked_fill(torch.isneginf(log_decay), 0.0).to(log_decay.dtype)
+
+
 BACKWARDS = ("triton", "recompute")
+# The kernels' form: "sequential" (one program per (batch, head) walks the chunks; this module) or
+# "parallel" (chunks in parallel, only the state hand-over in order; scan_triton_parallel.py).
+FORMS = ("sequential", "parallel")
+FORM_ENV = "LIQUID_SCAN_TRITON_FORM"
+
+
+def _form_module(form: str):
+    if form == "parallel":
+        from pretrain.model import scan_triton_parallel
+
+        return scan_triton_parallel
+    return None
 
 
 class _LiquidScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size, recompute, backward):
-        y, final = _forward(q, k, v, log_decay, initial_state, chunk_size)
+    def forward(ctx, q, k, v, log_decay, initial_state, chunk_size, recompute, backward, form):
+        parallel = _form_module(form)
+        y, final = (parallel.forward if parallel else _forward)(q, k, v, log_decay, initial_state, chunk_size)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a zero tensor
         keep_final = backward == "triton" and ctx.needs_input_grad[3]  # for the log-decay gradient
         ctx.save_for_backward(q, k, v, log_decay, initial_state, final if keep_final else None)
-        ctx.chunk_size, ctx.recompute, ctx.backward_impl = chunk_size, recompute, backward
+        ctx.chunk_size, ctx.recompute, ctx.backward_impl, ctx.form = chunk_size, recompute, backward, form
         return y, final
 
     @staticmethod
@@ -437,11 +458,12 @@ class _LiquidScanTriton(torch.autograd.Function):
         q, k, v, log_decay, initial_state, final = ctx.saved_tensors
         wanted = ctx.needs_input_grad[:5]
         if ctx.backward_impl == "triton":
-            grads = _backward(q, k, v, log_decay, initial_state, final, grad_y, grad_state, ctx.chunk_size,
-                              wanted)
-            return (*grads, None, None, None)
+            parallel = _form_module(ctx.form)
+            grads = (parallel.backward if parallel else _backward)(q, k, v, log_decay, initial_state, final, grad_y,
+                                                                  grad_state, ctx.chunk_size, wanted)
+            return (*grads, None, None, None, None)
         return (*_recompute_backward(ctx, q, k, v, log_decay, initial_state, grad_y, grad_state, wanted),
-                None, None, None)
+                None, None, None, None)
 
 
 def _recompute_backward(ctx, q, k, v, log_decay, initial_state, grad_y, grad_state, wanted):
@@ -470,19 +492,23 @@ def _recompute_backward(ctx, q, k, v, log_decay, initial_state, grad_y, grad_sta
 
 
 def liquid_scan_triton(q, k, v, log_decay, *, initial_state=None, chunk_size=_scan.DEFAULT_CHUNK_SIZE,
-                       recompute=False, backward="triton"):
+                       recompute=False, backward="triton", form=None):
     """`liquid_scan` in Triton (see the module docstring); same shapes and results. backward="triton" (the
     default) differentiates with the Triton backward kernels; backward="recompute" by recomputing the
     forward with the PyTorch path (kept for side-by-side comparison). `recompute` only matters to the
-    latter (it is passed on to the PyTorch recomputation); the Triton backward stores nothing per chunk."""
+    latter (it is passed on to the PyTorch recomputation); the Triton backward stores nothing per chunk.
+    form: "sequential" or "parallel" (FORMS; None: env LIQUID_SCAN_TRITON_FORM, else "sequential")."""
     if triton is None:
         raise RuntimeError("liquid_scan_triton needs triton, which is not importable here")
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    form = form if form is not None else os.environ.get(FORM_ENV, "sequential")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} (or env {FORM_ENV}), got {form!r}")
     _scan._check_shapes(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _LiquidScanTriton.apply(q, k, v, log_decay, initial_state, chunk_size, recompute, backward)
+    return _LiquidScanTriton.apply(q, k, v, log_decay, initial_state, chunk_size, recompute, backward, form)
 
 
 __all__ = ["liquid_scan_triton", "use_triton", "triton_available"]

@@ -36,8 +36,14 @@ CASES = {
     "p_over_64_grads": (1, 36, 1, 6, 70, 16, (3, 16), 0.0, True, True, False),
     "no_resets_long": (1, 80, 1, 4, 6, 16, (), 0.0, True, True, False),
 }
-BACKWARDS = ("triton", "recompute")
-CASE_IDS = [f"{name}-{bw}" for name, case in CASES.items() for bw in (BACKWARDS if case[9] else ("fwd",))]
+# variant -> liquid_scan_triton's keywords: the sequential kernels with their Triton backward or with the
+# PyTorch recomputation, and the chunk-parallel form (scan_triton_parallel.py) with its Triton backward.
+VARIANTS = {"triton": {"backward": "triton", "form": "sequential"},
+            "recompute": {"backward": "recompute", "form": "sequential"},
+            "parallel": {"backward": "triton", "form": "parallel"}}
+BACKWARDS = tuple(VARIANTS)
+FORWARD_ONLY = {"fwd": "triton", "fwd_parallel": "parallel"}  # cases without gradients: variant used
+CASE_IDS = [f"{name}-{bw}" for name, case in CASES.items() for bw in (BACKWARDS if case[9] else FORWARD_ONLY)]
 
 
 SKIP_KEY = "__interpreter_cannot_run_loops__"
@@ -109,8 +115,8 @@ def _worker() -> dict:
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # q is unused by a state-only loss
         return y.detach(), state.detach(), [torch.zeros_like(x) if d is None else d for d, x in zip(grads, inputs)]
 
-    def triton_fn(backward):
-        return lambda *a, **kw: scan_triton.liquid_scan_triton(*a, **kw, backward=backward)
+    def triton_fn(variant):
+        return lambda *a, **kw: scan_triton.liquid_scan_triton(*a, **kw, **VARIANTS[variant])
 
     def check(got, ref, tol=1e-5, grad_tols=None):
         (y, s, gr), (y_ref, s_ref, gr_ref) = got, ref
@@ -128,7 +134,7 @@ def _worker() -> dict:
 
     results = {}
     for name, (batch, seq, heads, n, p, chunk, resets, reset_prob, with_state, grads, strided) in CASES.items():
-        backwards = BACKWARDS if grads else ("fwd",)
+        backwards = BACKWARDS if grads else tuple(FORWARD_ONLY)
         try:
             g = torch.Generator().manual_seed(seq)
             q, k = torch.randn(batch, seq, heads, n, generator=g), torch.randn(batch, seq, heads, n, generator=g)
@@ -151,7 +157,7 @@ def _worker() -> dict:
             continue
         for bw in backwards:
             try:
-                check(run(triton_fn("triton" if bw == "fwd" else bw), leaves, init, chunk, grads, strided), ref)
+                check(run(triton_fn(FORWARD_ONLY.get(bw, bw)), leaves, init, chunk, grads, strided), ref)
                 results[f"{name}-{bw}"] = {"ok": True}
             except Exception:
                 results[f"{name}-{bw}"] = {"ok": False, "msg": traceback.format_exc()[-3000:]}
@@ -163,7 +169,7 @@ def _worker() -> dict:
             init = torch.randn(1, 2, 3, 4).requires_grad_()
             xs = [torch.zeros(1, 0, 2, 3), torch.zeros(1, 0, 2, 3), torch.zeros(1, 0, 2, 4), torch.zeros(1, 0, 2)]
             xs = [x.requires_grad_() for x in xs]
-            y, s = scan_triton.liquid_scan_triton(*xs, initial_state=init, backward=bw)
+            y, s = scan_triton.liquid_scan_triton(*xs, initial_state=init, **VARIANTS[bw])
             assert y.shape == (1, 0, 2, 4) and torch.equal(s, init)
             grads = torch.autograd.grad(y.sum() + (s * 2).sum(), [*xs, init])
             assert all(a.shape == x.shape and not a.any() for a, x in zip(grads[:4], xs)), bw
@@ -173,6 +179,23 @@ def _worker() -> dict:
             raise AssertionError("backward='pytorch' was accepted")
         except ValueError as err:
             assert "pytorch" in str(err), err
+        try:
+            scan_triton.liquid_scan_triton(*xs, form="blocked")
+            raise AssertionError("form='blocked' was accepted")
+        except ValueError as err:
+            assert "blocked" in str(err) and scan_triton.FORM_ENV in str(err), err
+        # The form comes from LIQUID_SCAN_TRITON_FORM when not given: a bad value there is refused by name.
+        saved_form = os.environ.get(scan_triton.FORM_ENV)
+        os.environ[scan_triton.FORM_ENV] = "paralel"
+        try:
+            scan_triton.liquid_scan_triton(*xs)
+            raise AssertionError("LIQUID_SCAN_TRITON_FORM=paralel was accepted")
+        except ValueError as err:
+            assert "paralel" in str(err), err
+        finally:
+            os.environ.pop(scan_triton.FORM_ENV)
+            if saved_form is not None:
+                os.environ[scan_triton.FORM_ENV] = saved_form
         assert not scan_triton.use_triton(torch.zeros(1))  # CPU tensors never dispatch here
         as_cuda = types.SimpleNamespace(is_cuda=True)
         saved = os.environ.pop("LIQUID_SCAN_TRITON", None)
@@ -299,9 +322,9 @@ def test_triton_scan_matches_reference(results, case):
 
 @needs_triton
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("variant", BACKWARDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_triton_scan_on_cuda_matches_reference_and_dispatches(dtype, backward, monkeypatch):
+def test_triton_scan_on_cuda_matches_reference_and_dispatches(dtype, variant, monkeypatch):
     """The compiled kernels on a real GPU: the preset's head shapes (N 64, P 128), resets inside and on
     chunk borders, an initial state; fp32 within 1e-5 of the token-by-token reference (TF32 off), bf16
     within one bf16 rounding; gradients through the Triton backward or the PyTorch recomputation; and
@@ -335,7 +358,7 @@ def test_triton_scan_on_cuda_matches_reference_and_dispatches(dtype, backward, m
         ((y.float() * w_y).sum() + (state * w_s).sum()).backward()
         return [y.float(), state] + [x.grad.float() for x in leaves]
 
-    got = outputs(lambda *a, **kw: scan_triton.liquid_scan_triton(*a, **kw, backward=backward))
+    got = outputs(lambda *a, **kw: scan_triton.liquid_scan_triton(*a, **kw, **VARIANTS[variant]))
     ref = outputs(liquid_scan_reference)
     # bf16: q, k, v, y and their gradients are bf16 (one rounding); state, log-decay and initial-state
     # gradients are fp32 computed from the same bf16 values.
