@@ -90,9 +90,10 @@ def _recurrence_(a, h, h0):
     c = _chunk_len(seq)
     nc = seq // c
     ac, hc = a.view(batch, nc, c, heads, 1), h.view(batch, nc, c, heads, p)
-    end, decay = hc[:, :, 0], ac[:, :, 0].clone()
+    # end accumulates in place (out= its own memory): a fresh tensor per step costs page faults here.
+    end, decay = hc[:, :, 0].clone(), ac[:, :, 0].clone()
     for t in range(1, c):
-        end = torch.addcmul(hc[:, :, t], ac[:, :, t], end)
+        torch.addcmul(hc[:, :, t], ac[:, :, t], end, out=end)
         decay.mul_(ac[:, :, t])
     carried = h.new_empty(batch, nc, heads, p)  # the state entering each chunk
     carry = h.new_zeros(batch, heads, p) if h0 is None else h0
@@ -111,9 +112,9 @@ def _reverse_recurrence_(a, g):
     c = _chunk_len(seq)
     nc = seq // c
     ac, gc = a.view(batch, nc, c, heads, 1), g.view(batch, nc, c, heads, p)
-    start, decay = gc[:, :, -1], torch.ones_like(ac[:, :, 0])  # decay: product of a over (first, last]
+    start, decay = gc[:, :, -1].clone(), torch.ones_like(ac[:, :, 0])  # decay: product of a over (first, last]
     for t in range(c - 2, -1, -1):
-        start = torch.addcmul(gc[:, :, t], ac[:, :, t + 1], start)
+        torch.addcmul(gc[:, :, t], ac[:, :, t + 1], start, out=start)
         decay.mul_(ac[:, :, t + 1])
     carried = g.new_empty(batch, nc, heads, p)  # a_{t+1} g_{t+1} entering each chunk's last position
     carry = g.new_zeros(batch, heads, p)
@@ -123,6 +124,21 @@ def _reverse_recurrence_(a, g):
     gc[:, :, -1] += carried
     for t in range(c - 2, -1, -1):
         gc[:, :, t].addcmul_(ac[:, :, t + 1], gc[:, :, t + 1])
+
+
+SUM_BLOCK_TOKENS = 256  # time block of _sum_of_products
+
+
+def _sum_of_products(x, y, *, out):
+    """out = (x * y).sum(-1, keepdim=True) for x, y [B, T, H, P], a block of SUM_BLOCK_TOKENS positions at a
+    time through one small scratch: a product the size of x, fresh, would cost more in page faults on a CPU
+    than the arithmetic."""
+    scratch = x.new_empty(x.shape[0], min(SUM_BLOCK_TOKENS, x.shape[1]), *x.shape[2:])
+    for start in range(0, x.shape[1], SUM_BLOCK_TOKENS):
+        end = min(start + SUM_BLOCK_TOKENS, x.shape[1])
+        part = scratch[:, :end - start]
+        torch.sum(torch.mul(x[:, start:end], y[:, start:end], out=part), -1, keepdim=True, out=out[:, start:end])
+    return out
 
 
 class _ElementwiseScan(torch.autograd.Function):
@@ -159,19 +175,22 @@ class _ElementwiseScan(torch.autograd.Function):
             torch.sum(gh[:, 0] * h0, -1, keepdim=True, out=grad_a[:, 0])
         else:
             grad_a[:, 0] = 0
-        # The products below write into memory this call already owns where they can (h is its own, saved or
-        # recomputed, never seen by the caller; gh's last use is grad_v): on a CPU a fresh tensor of their
-        # size costs page faults worth several passes over it.
+        # On a CPU a fresh tensor the size of h costs page faults worth several passes over it, so the
+        # products below go into memory this call already owns where they can (h and a are its own, saved or
+        # recomputed, never seen by the caller; gh's last use is grad_v), and with P > 1 the sums over the
+        # channels run a block of positions at a time (_sum_of_products).
         if h.shape[-1] == 1:
             torch.mul(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
             grad_q = h.mul_(gy)
-            grad_k = gh * v
+            grad_k = None  # into a's memory once grad_ld has used a (below)
         else:
-            scratch = torch.empty_like(h)
-            torch.sum(torch.mul(gh[:, 1:], h[:, :-1], out=scratch[:, 1:]), -1, keepdim=True, out=grad_a[:, 1:])
-            grad_q = h.mul_(gy).sum(-1, keepdim=True)
-            grad_k = torch.mul(gh, v, out=scratch).sum(-1, keepdim=True)
+            _sum_of_products(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+            grad_q, grad_k = torch.empty_like(a), torch.empty_like(a)
+            _sum_of_products(h, gy, out=grad_q)
+            _sum_of_products(gh, v, out=grad_k)
         grad_ld = grad_a.mul_(a)[..., 0]  # d a / d log_decay = a
+        if grad_k is None:  # a is this call's own (exp of log_decay), not needed past this point
+            grad_k = torch.mul(gh, v, out=a)
         grad_v = gh.mul_(k)
         return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
 

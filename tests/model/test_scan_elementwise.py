@@ -37,6 +37,14 @@ def test_matches_reference_wide_and_narrow(channels):
     check_against_reference(*make_inputs(1, 70, heads, 1, p, with_state=True, resets=(0, 15, 16, 31, 63)), 64)
 
 
+@pytest.mark.parametrize("block", [16, 64, 4096])
+def test_channel_sums_by_blocks_of_positions(monkeypatch, block):
+    """With P > 1 the backward's sums over the channels run SUM_BLOCK_TOKENS positions at a time: blocks
+    that divide the length, that leave a remainder (70 and the 69 of the shifted product), and one block."""
+    monkeypatch.setattr(scan_module, "SUM_BLOCK_TOKENS", block)
+    check_against_reference(*make_inputs(2, 70, 3, 1, 6, with_state=True, resets=(0, 33), seed=block), 64)
+
+
 def test_every_token_a_reset_and_reset_drops_initial_state():
     q, k, v, ld, init = make_inputs(1, 24, 2, 1, 3, with_state=True)
     ld[:] = float("-inf")
