@@ -72,6 +72,13 @@ def use_triton(q: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load_rows(base, t, offs, stride_t, stride_d, mask_t, mask_d):
+        """A [len(t), len(offs)] tile of a [seq, dim] slice (row strides stride_t, column stride_d) as float32,
+        zero outside mask_t x mask_d."""
+        return tl.load(base + t[:, None] * stride_t + offs[None, :] * stride_d,
+                       mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
     def _chunk_decays(ld, causal):
         """A chunk's decays from its log decays `ld` [CHUNK] (-inf = reset), as `scan._chunk_group` makes
         them: resets become segment ids, pairs in different segments are masked out and the carried state is
@@ -134,12 +141,9 @@ if triton is not None:
         for start in range(0, seq, CHUNK):
             t = start + offs_t
             mask_t = t < seq
-            qc = tl.load(q_base + t[:, None] * sq_t + offs_n[None, :] * sq_n,
-                         mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            kc = tl.load(k_base + t[:, None] * sk_t + offs_n[None, :] * sk_n,
-                         mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            vc = tl.load(v_base + t[:, None] * sv_t + offs_p[None, :] * sv_p,
-                         mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+            qc = _load_rows(q_base, t, offs_n, sq_t, sq_n, mask_t, mask_n)
+            kc = _load_rows(k_base, t, offs_n, sk_t, sk_n, mask_t, mask_n)
+            vc = _load_rows(v_base, t, offs_p, sv_t, sv_p, mask_t, mask_p)
             # Padding: log decay 0 and k = 0, so the state is unaffected by it.
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
@@ -201,12 +205,9 @@ if triton is not None:
         for start in range(0, seq, CHUNK):
             t = start + offs_t
             mask_t = t < seq
-            kc = tl.load(k_base + t[:, None] * sk_t + offs_n[None, :] * sk_n,
-                         mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            vc = tl.load(v_base + t[:, None] * sv_t + offs_p[None, :] * sv_p,
-                         mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-            dyc = tl.load(d_base + t[:, None] * sd_t + offs_p[None, :] * sd_p,
-                          mask=mask_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+            kc = _load_rows(k_base, t, offs_n, sk_t, sk_n, mask_t, mask_n)
+            vc = _load_rows(v_base, t, offs_p, sv_t, sv_p, mask_t, mask_p)
+            dyc = _load_rows(d_base, t, offs_p, sd_t, sd_p, mask_t, mask_p)
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
             decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
@@ -268,17 +269,15 @@ if triton is not None:
             mask_t = t < seq
             mask_tn = mask_t[:, None] & mask_n[None, :]
             mask_tp = mask_t[:, None] & mask_p[None, :]
-            qc = tl.load(q_base + t[:, None] * sq_t + offs_n[None, :] * sq_n, mask=mask_tn, other=0.0).to(tl.float32)
-            dyc = tl.load(d_base + t[:, None] * sd_t + offs_p[None, :] * sd_p, mask=mask_tp, other=0.0).to(tl.float32)
+            qc = _load_rows(q_base, t, offs_n, sq_t, sq_n, mask_t, mask_n)
+            dyc = _load_rows(d_base, t, offs_p, sd_t, sd_p, mask_t, mask_p)
             ld = tl.load(l_base + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
 
             decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
 
             if STORE_DK or STORE_DV:
-                kc = tl.load(k_base + t[:, None] * sk_t + offs_n[None, :] * sk_n, mask=mask_tn,
-                             other=0.0).to(tl.float32)
-                vc = tl.load(v_base + t[:, None] * sv_t + offs_p[None, :] * sv_p, mask=mask_tp,
-                             other=0.0).to(tl.float32)
+                kc = _load_rows(k_base, t, offs_n, sk_t, sk_n, mask_t, mask_n)
+                vc = _load_rows(v_base, t, offs_p, sv_t, sv_p, mask_t, mask_p)
                 if STORE_DK:
                     a = tl.dot(dyc, tl.trans(vc), input_precision=PRECISION) * decay  # [t, s]
                     dk = tl.dot(tl.trans(a), qc, input_precision=PRECISION)

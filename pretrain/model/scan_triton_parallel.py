@@ -39,6 +39,7 @@ PASS_BLOCK = 32  # state tile of the sequential passes: more, smaller tiles keep
 
 if triton is not None:
     _chunk_decays = _st._chunk_decays
+    _load_rows = _st._load_rows
 
     @triton.jit
     def _chunk_contribution_kernel(
@@ -66,10 +67,8 @@ if triton is not None:
         mask_b = offs_b < b_dim
         t = c * CHUNK + offs_t
         mask_t = t < seq
-        ac = tl.load(A + b * sa_b + h * sa_h + t[:, None] * sa_t + offs_a[None, :] * sa_d,
-                     mask=mask_t[:, None] & mask_a[None, :], other=0.0).to(tl.float32)
-        bc = tl.load(B + b * sb_b + h * sb_h + t[:, None] * sb_t + offs_b[None, :] * sb_d,
-                     mask=mask_t[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        ac = _load_rows(A + b * sa_b + h * sa_h, t, offs_a, sa_t, sa_d, mask_t, mask_a)
+        bc = _load_rows(B + b * sb_b + h * sb_h, t, offs_b, sb_t, sb_d, mask_t, mask_b)
         ld = tl.load(LD + b * sl_b + h * sl_h + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
         causal = offs_t[:, None] >= offs_t[None, :]
         decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
@@ -141,12 +140,9 @@ if triton is not None:
         mask_t = t < seq
         mask_tn = mask_t[:, None] & mask_n[None, :]
         mask_tp = mask_t[:, None] & mask_p[None, :]
-        qc = tl.load(Q + b * sq_b + h * sq_h + t[:, None] * sq_t + offs_n[None, :] * sq_n, mask=mask_tn,
-                     other=0.0).to(tl.float32)
-        kc = tl.load(K + b * sk_b + h * sk_h + t[:, None] * sk_t + offs_n[None, :] * sk_n, mask=mask_tn,
-                     other=0.0).to(tl.float32)
-        vc = tl.load(V + b * sv_b + h * sv_h + t[:, None] * sv_t + offs_p[None, :] * sv_p, mask=mask_tp,
-                     other=0.0).to(tl.float32)
+        qc = _load_rows(Q + b * sq_b + h * sq_h, t, offs_n, sq_t, sq_n, mask_t, mask_n)
+        kc = _load_rows(K + b * sk_b + h * sk_h, t, offs_n, sk_t, sk_n, mask_t, mask_n)
+        vc = _load_rows(V + b * sv_b + h * sv_h, t, offs_p, sv_t, sv_p, mask_t, mask_p)
         ld = tl.load(LD + b * sl_b + h * sl_h + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
         row = (pid_bh * n_chunks + c).to(tl.int64) * n_dim * p_dim
         s_c = tl.load(SC + row + offs_n[:, None] * p_dim + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :],
@@ -191,14 +187,10 @@ if triton is not None:
         mask_t = t < seq
         mask_tn = mask_t[:, None] & mask_n[None, :]
         mask_tp = mask_t[:, None] & mask_p[None, :]
-        qc = tl.load(Q + b * sq_b + h * sq_h + t[:, None] * sq_t + offs_n[None, :] * sq_n, mask=mask_tn,
-                     other=0.0).to(tl.float32)
-        kc = tl.load(K + b * sk_b + h * sk_h + t[:, None] * sk_t + offs_n[None, :] * sk_n, mask=mask_tn,
-                     other=0.0).to(tl.float32)
-        vc = tl.load(V + b * sv_b + h * sv_h + t[:, None] * sv_t + offs_p[None, :] * sv_p, mask=mask_tp,
-                     other=0.0).to(tl.float32)
-        dyc = tl.load(DY + b * sd_b + h * sd_h + t[:, None] * sd_t + offs_p[None, :] * sd_p, mask=mask_tp,
-                      other=0.0).to(tl.float32)
+        qc = _load_rows(Q + b * sq_b + h * sq_h, t, offs_n, sq_t, sq_n, mask_t, mask_n)
+        kc = _load_rows(K + b * sk_b + h * sk_h, t, offs_n, sk_t, sk_n, mask_t, mask_n)
+        vc = _load_rows(V + b * sv_b + h * sv_h, t, offs_p, sv_t, sv_p, mask_t, mask_p)
+        dyc = _load_rows(DY + b * sd_b + h * sd_h, t, offs_p, sd_t, sd_p, mask_t, mask_p)
         ld = tl.load(LD + b * sl_b + h * sl_h + t * sl_t, mask=mask_t, other=0.0).to(tl.float32)
         causal = offs_t[:, None] >= offs_t[None, :]
         decay, from_start, to_end, chunk_decay = _chunk_decays(ld, causal)
