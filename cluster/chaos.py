@@ -139,7 +139,13 @@ class MetricsWatch:
     def poll(self) -> None:
         replaced, records = self._tail.read()
         self.generation += replaced
-        self.records += [{**record, "_gen": self.generation} for record in records]
+        # A new attempt's file starts with the records it kept from the one before, times unchanged: those
+        # are marked `_kept` and are not new steps. Found by a soak whose fault came while the attempt went on
+        # training for 2 s: the kept records of those steps were newer than the fault and read as the
+        # recovery's first step.
+        seen = {(r["step"], r.get("time")) for r in self.records} if replaced else set()
+        self.records += [{**record, "_gen": self.generation, "_kept": (record.get("step"), record.get("time")) in seen}
+                         for record in records]
 
     def last_step(self) -> int:
         """The last step of the current generation (0 before any)."""
@@ -147,14 +153,14 @@ class MetricsWatch:
         return max(current, default=0)
 
     def first_after(self, t: float, *, not_gen: int | None = None) -> dict | None:
-        """The first record (by time) logged after `t`, outside generation `not_gen`."""
-        found = [r for r in self.records if r.get("time", 0) > t and r["_gen"] != not_gen]
+        """The first record (by time) logged after `t`, outside generation `not_gen` (kept copies aside)."""
+        found = [r for r in self.records if r.get("time", 0) > t and r["_gen"] != not_gen and not r["_kept"]]
         return min(found, key=lambda r: r["time"]) if found else None
 
     def attempt_at(self, t: float) -> tuple[int | None, int]:
         """(generation, last step it logged) of the attempt that was training at `t`: the one that logged the
         last record before `t` (records an attempt keeps from the one before have older times)."""
-        before = [r for r in self.records if r.get("time", 0) <= t]
+        before = [r for r in self.records if r.get("time", 0) <= t and not r["_kept"]]
         if not before:
             return None, 0
         gen = max(before, key=lambda r: r["time"])["_gen"]

@@ -169,6 +169,27 @@ def test_the_metrics_watch_tells_attempts_apart(tmp_path):
     assert first["step"] == 5 and first["time"] == 120.0  # resumed from 4, 13.5 s after the fault
 
 
+def test_records_a_new_attempt_keeps_are_not_its_first_step(tmp_path):
+    """A fault at t=103.5 while the attempt goes on to step 6 (its records of 4-6 are newer than the fault);
+    the next attempt resumes from the checkpoint of step 4 and keeps records 1-4 with their times. Its first
+    new step is 5 at t=120, not the kept copy of step 4 at t=104."""
+    path = tmp_path / "metrics.jsonl"
+    watch = MetricsWatch(path)
+    path.write_text("".join(json.dumps(_record(s, 100.0 + s)) + "\n" for s in range(1, 7)))
+    watch.poll()
+    tmp = tmp_path / "metrics.jsonl.partial"
+    tmp.write_text("".join(json.dumps(_record(s, 100.0 + s)) + "\n" for s in range(1, 5)))
+    tmp.replace(path)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_record(5, 120.0)) + "\n")
+    watch.poll()
+    gen, at = watch.attempt_at(103.5)
+    assert (gen, at) == (1, 6)
+    first = watch.first_after(103.5, not_gen=gen)
+    assert (first["step"], first["time"], first["_gen"]) == (5, 120.0, 2)
+    assert [r["_kept"] for r in watch.records if r["_gen"] == 2] == [True] * 4 + [False]
+
+
 def test_goodput_and_losses():
     faults = [{"index": 1, "kind": "kill", "rank": 0, "at_step": 10, "resumed_from": 8, "steps_recomputed": 2,
                "recovery_s": 12.0, "recovered": True, "note": "SIGKILL of rank 0"},
