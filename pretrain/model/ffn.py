@@ -74,7 +74,9 @@ def _grouped_mm_dtype(x, w):
         # The CPU's grouped_mm is a C++ loop of mm over the groups: the loop's numbers without its
         # per-expert Python and host read of the counts. fp32 only (no CPU autocast), rows 16-byte aligned.
         if (not _CPU_GROUPED_MM or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32 or w.dtype != x.dtype
-                or is_fake(x) or is_fake(w)):  # no fake/meta kernel: a dry run (FakeTensorMode) takes the loop
+                or (not torch.compiler.is_compiling() and (is_fake(x) or is_fake(w)))):
+            # A dry run (FakeTensorMode, FLOPs counted per aten op) takes the loop; under torch.compile the
+            # tensors are fake too, and expert_mm's own shape function serves.
             return None
         return x.dtype if all(n % 4 == 0 for n in w.shape[-2:]) else None
     if x.device.type != "cuda":
@@ -137,8 +139,55 @@ def _grouped_experts(x_sorted, counts, w1, w3, w2, dtype):
     return _ContiguousGrad.apply(out)
 
 
-# The CPU's fp32 grouped_mm has no meta kernel (its checks accept bf16 only), so torch.compile runs it eagerly.
-_grouped_experts_cpu = torch.compiler.disable(_grouped_experts)
+@torch.library.custom_op("liquid::expert_mm", mutates_args=())
+def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] of x [tokens, in] times w[g].T, w [groups, out, in] (nn.Linear layout) ->
+    [tokens, out]: torch._grouped_mm as an op torch.compile can trace on the CPU. aten's fp32 grouped_mm
+    runs on the CPU (a C++ loop of mm per group) but its meta kernel accepts bf16 only, so a compiled block
+    broke its graph at every MoE layer; this op brings its own shape function (below) and backward, and
+    inductor fuses the element-wise work around it (the SwiGLU's silu and product, the combine)."""
+    return torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=offs)
+
+
+@expert_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("liquid::expert_mm_weight_grad", mutates_args=())
+def expert_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """expert_mm's gradient into w: per group grad[rows].T @ x[rows] -> [groups, out, in]."""
+    return torch._grouped_mm(grad.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@expert_mm_weight_grad.register_fake
+def _(grad, x, offs):
+    return grad.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
+
+
+def _expert_mm_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None, offs)
+
+
+def _expert_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad_x = expert_mm(grad, w.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_w = expert_mm_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
+
+
+def _grouped_experts_cpu(x_sorted, counts, w1, w3, w2, dtype):
+    """_grouped_experts through expert_mm (fp32 on the CPU): the same products and sums, traceable."""
+    if not torch.is_tensor(counts):
+        counts = torch.tensor(list(counts), dtype=torch.int64)
+    offs = counts.to(device=x_sorted.device).cumsum(0).to(torch.int32)
+    x = x_sorted.to(dtype)
+    h = F.silu(expert_mm(x, w1.to(dtype), offs)) * expert_mm(x, w3.to(dtype), offs)
+    return expert_mm(h, w2.to(dtype), offs)
 
 
 class Router(nn.Module):
