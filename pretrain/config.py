@@ -170,6 +170,9 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     # torch.compile each model block (pretrain/model/model.py LiquidLM.compile_blocks); the first steps compile
     compile: bool = False
+    # On the CPU, keep freed host memory for the next step instead of giving it back to the kernel and
+    # faulting it in again (pretrain/train/host_memory.py): glibc's malloc, set when the rank starts
+    keep_host_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,8 @@ def validate(cfg: Config) -> None:
     _require(t.activation_checkpointing in ("none", "selective", "full"), "train.activation_checkpointing",
              f"must be none, selective or full, got '{t.activation_checkpointing}'")
     _require(isinstance(t.compile, bool), "train.compile", f"must be true or false, got {t.compile!r}")
+    _require(isinstance(t.keep_host_memory, bool), "train.keep_host_memory",
+             f"must be true or false, got {t.keep_host_memory!r}")
     o = cfg.optim
     _require(o.schedule in ("cosine", "constant", "wsd"), "optim.schedule", f"must be cosine, constant or wsd, got '{o.schedule}'")
     _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")

@@ -186,6 +186,10 @@ def worker_main(side: str, spec: dict) -> None:
     os.dup2(2, 1)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("host_malloc") == "all" or (spec.get("host_malloc") == "ours" and side != "hf"):
+        from pretrain.train.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     cfg = bench_config(spec["quick"])
     start = time.perf_counter()
     try:
@@ -266,6 +270,10 @@ def main_hf(argv=None) -> dict:
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
+    p.add_argument("--host-malloc", choices=("ours", "all", "system"), default="ours",
+                   help="which sides keep freed host memory for reuse: ours (as `liquid pretrain` on the CPU does, "
+                        "train.keep_host_memory; HF with glibc's defaults, as a user runs it), all, or none "
+                        "(system) (default ours)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -283,7 +291,7 @@ def main_hf(argv=None) -> dict:
         p.error(f"--sides: choose from {', '.join(SIDES)}")
     cfg = bench_config(q)
     tokens = cfg.train.seq_len * cfg.train.global_batch_size
-    spec = {"quick": q, "warmup": warmup, "threads": args.threads}
+    spec = {"quick": q, "warmup": warmup, "threads": args.threads, "host_malloc": args.host_malloc}
     started = time.perf_counter()
     skipped, workers = {}, {}
     if "hf" in sides and (why := hf_available()):
@@ -329,7 +337,7 @@ def main_hf(argv=None) -> dict:
     out = {
         "bench": "hf", "machine": machine_name(), "cores": os.cpu_count(), "torch": torch.__version__,
         "quick": q, "tokens_per_step": tokens, "seq_len": cfg.train.seq_len, "batch": cfg.train.global_batch_size,
-        "dtype": "float32", "steps": steps, "repeats": repeats, "warmup": warmup,
+        "dtype": "float32", "host_malloc": args.host_malloc, "steps": steps, "repeats": repeats, "warmup": warmup,
         "results": results, "ratios": ratios, "ratios_best": ratios_best, "skipped": skipped,
         "targets": {"ours_vs_hf": 1.3, "matmul_frac": 0.75},
         "ours_profile": profile, "hf_profile": hf_profile,

@@ -22,6 +22,7 @@ from pretrain.bench.blelloch import blelloch_scan
 from pretrain.bench.common import (MEM_FRACTION, available_bytes, device_name, gib, peak_rss_kib, print_json,
                                    reset_peak_rss, sdpa_backend, time_runs)
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
+from pretrain.train.host_memory import keep_freed_host_memory
 
 CASES = ("matmul", "chunked", "chunked_recompute", "reference", "sdpa", "sdpa_math", "docs_dense", "docs_blocks",
          "elementwise", "blelloch", "elementwise_wide", "blelloch_wide")
@@ -203,6 +204,8 @@ def _measure(spec: dict) -> dict:
     case, seq, batch = spec["case"], spec["seq"], spec["batch"]
     device = torch.device(spec["device"])
     torch.set_num_threads(spec["threads"])
+    if spec.get("host_malloc") == "keep":
+        keep_freed_host_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -392,6 +395,7 @@ def bench_scan(
     time_budget_s=60.0,
     emit=print,
     threads=None,
+    host_malloc="keep",
 ) -> list[dict]:
     """Measures every case at every seq (ascending) and returns one dict per (case, seq).
 
@@ -416,7 +420,9 @@ def bench_scan(
     a case after one measurement of it took longer than time_budget_s; a measurement whose peak memory,
     extrapolated from the largest measured seq of the case (quadratically for the QUADRATIC cases, linearly
     otherwise), would exceed MEM_FRACTION of the memory available now. `threads` (default
-    torch.get_num_threads()) is set in every child.
+    torch.get_num_threads()) is set in every child. host_malloc "keep": every child (every case alike) keeps
+    freed host memory for reuse, as a CPU training process does (pretrain/train/host_memory.py); "system":
+    glibc's defaults.
     """
     device = _device()
     threads = threads or torch.get_num_threads()
@@ -424,6 +430,7 @@ def bench_scan(
         device=str(device), threads=threads, batch=batch, heads=heads, key_dim=key_dim, value_dim=value_dim,
         chunk_size=chunk_size, elementwise_channels=elementwise_channels,
         elementwise_chunk_size=elementwise_chunk_size, doc_len=doc_len, matmul_size=matmul_size, repeats=repeats,
+        host_malloc=host_malloc,
     )
     hard_timeout = max(_HARD_TIMEOUT_BUDGETS * time_budget_s, _HARD_TIMEOUT_MIN_S)
     baseline_kib = 0.0
@@ -575,6 +582,9 @@ def main_scan(argv=None) -> dict:
                    help="side of the square fp32 matmul of the matmul case, the FLOP/s roofline (default 4096)")
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per (case, seq) measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's own)")
+    p.add_argument("--host-malloc", choices=("keep", "system"), default="keep",
+                   help="keep: every child keeps freed host memory for reuse, as a CPU training process does "
+                        "(train.keep_host_memory); system: glibc's defaults (default keep)")
     p.add_argument("--quick", action="store_true",
                    help="seqs 256,1024, repeats 1 and matmul size 1024 unless given explicitly")
     args = p.parse_args(argv)
@@ -598,6 +608,7 @@ def main_scan(argv=None) -> dict:
         chunk_size=args.chunk_size, reference_max_seq=args.reference_max_seq, sdpa_max_seq=args.sdpa_max_seq,
         elementwise_channels=args.elementwise_channels, elementwise_chunk_size=args.elementwise_chunk_size,
         doc_len=args.doc_len, matmul_size=args.matmul_size, repeats=args.repeats, time_budget_s=args.time_budget,
+        host_malloc=args.host_malloc,
     )
     device = _device()
     results = bench_scan(**{**config, "seqs": seqs, "cases": cases}, emit=_progress, threads=threads)

@@ -24,6 +24,7 @@ from pretrain.config import ENV_SWITCHES, config_hash, to_yaml
 from pretrain.model.model import build_model, materialize
 from pretrain.run_dir import RunDir
 from pretrain.train.flops import flops_per_token, peak_flops
+from pretrain.train.host_memory import keep_freed_host_memory
 from pretrain.train.loop import LoopResult, Position, last_step, train_loop
 from pretrain.train.metrics import MetricsLogger, ProgressPrinter, val_losses
 from pretrain.train.step import Placement
@@ -107,11 +108,14 @@ def resolve_device(train_cfg) -> tuple[torch.device, torch.dtype | None]:
 
 
 def placement(train_cfg, topology) -> Placement:
-    """Device, autocast dtype and CPU threads of this rank (torch's generator seeded: the same on every rank)."""
+    """Device, autocast dtype and CPU threads of this rank (torch's generator seeded: the same on every rank); on
+    the CPU, freed host memory kept for reuse (train.keep_host_memory)."""
     torch.manual_seed(train_cfg.seed)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     device, dtype = resolve_device(train_cfg)
+    if device.type == "cpu" and train_cfg.keep_host_memory:
+        keep_freed_host_memory()
     return Placement(topology, device, dtype)
 
 

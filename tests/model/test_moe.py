@@ -281,3 +281,34 @@ def test_router_scores_are_fp32_under_bf16_autocast():
             got = moe.router(x)
     assert got[2].dtype == torch.float32
     assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_token_copies_and_combine_backward_equal_plain_indexing(k):
+    """The MoE's gathers (each token's k copies in expert order, and back) have gather-only backwards
+    (_GatherRows): their gradients equal autograd's for plain indexing, bit for bit at k <= 2 (a sum of two
+    is the same either way round) and to rounding at k = 3 (the k copies summed in slot order)."""
+    from pretrain.model.ffn import _GatherRows, combine_top_k, slots_of
+
+    g = torch.Generator().manual_seed(k)
+    tokens, d = 50, 16
+    flat = torch.randn(tokens, d, generator=g, requires_grad=True)
+    order = torch.randperm(tokens * k, generator=g)
+    weights = torch.rand(tokens, k, generator=g)
+    grad = torch.randn(tokens, d, generator=g)
+
+    def plain(x):
+        copies = x[order // k]
+        per_token = copies[slots_of(order)].view(tokens, k, d)
+        return (per_token * weights[..., None]).sum(1)
+
+    def ours(x):
+        slots = slots_of(order)
+        return combine_top_k(_GatherRows.apply(x, order // k, slots, k), order, weights, dtype=x.dtype, slots=slots)
+
+    (want,), (got,) = (torch.autograd.grad(f(flat), [flat], grad) for f in (plain, ours))
+    assert torch.equal(ours(flat), plain(flat))
+    if k <= 2:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
