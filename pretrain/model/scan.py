@@ -89,20 +89,24 @@ def _recurrence_(a, h, h0):
     batch, seq, heads, p = h.shape
     c = _chunk_len(seq)
     nc = seq // c
-    ac, hc = a.view(batch, nc, c, heads, 1), h.view(batch, nc, c, heads, p)
+    # The views each step uses, made once by unbind (one call) rather than by indexing in every step.
+    a_at, h_at = a.view(batch, nc, c, heads, 1).unbind(2), h.view(batch, nc, c, heads, p).unbind(2)
     # end accumulates in place (out= its own memory): a fresh tensor per step costs page faults here.
-    end, decay = hc[:, :, 0].clone(), ac[:, :, 0].clone()
+    end, decay = h_at[0].clone(), a_at[0].clone()
     for t in range(1, c):
-        torch.addcmul(hc[:, :, t], ac[:, :, t], end, out=end)
-        decay.mul_(ac[:, :, t])
+        torch.addcmul(h_at[t], a_at[t], end, out=end)
+        decay.mul_(a_at[t])
     carried = h.new_empty(batch, nc, heads, p)  # the state entering each chunk
-    carry = h.new_zeros(batch, heads, p) if h0 is None else h0
-    for i in range(nc):
-        carried[:, i] = carry
-        carry = torch.addcmul(end[:, i], decay[:, i], carry)
-    hc[:, :, 0].addcmul_(ac[:, :, 0], carried)
+    carried_at, end_at, decay_at = carried.unbind(1), end.unbind(1), decay.unbind(1)
+    if h0 is None:
+        carried_at[0].zero_()
+    else:
+        carried_at[0].copy_(h0)
+    for i in range(nc - 1):
+        torch.addcmul(end_at[i], decay_at[i], carried_at[i], out=carried_at[i + 1])
+    h_at[0].addcmul_(a_at[0], carried)
     for t in range(1, c):
-        hc[:, :, t].addcmul_(ac[:, :, t], hc[:, :, t - 1])
+        h_at[t].addcmul_(a_at[t], h_at[t - 1])
 
 
 def _reverse_recurrence_(a, g):
@@ -111,34 +115,68 @@ def _reverse_recurrence_(a, g):
     batch, seq, heads, p = g.shape
     c = _chunk_len(seq)
     nc = seq // c
-    ac, gc = a.view(batch, nc, c, heads, 1), g.view(batch, nc, c, heads, p)
-    start, decay = gc[:, :, -1].clone(), torch.ones_like(ac[:, :, 0])  # decay: product of a over (first, last]
+    a_at, g_at = a.view(batch, nc, c, heads, 1).unbind(2), g.view(batch, nc, c, heads, p).unbind(2)
+    start, decay = g_at[-1].clone(), torch.ones_like(a_at[0])  # decay: product of a over (first, last]
     for t in range(c - 2, -1, -1):
-        torch.addcmul(gc[:, :, t], ac[:, :, t + 1], start, out=start)
-        decay.mul_(ac[:, :, t + 1])
+        torch.addcmul(g_at[t], a_at[t + 1], start, out=start)
+        decay.mul_(a_at[t + 1])
     carried = g.new_empty(batch, nc, heads, p)  # a_{t+1} g_{t+1} entering each chunk's last position
-    carry = g.new_zeros(batch, heads, p)
-    for i in range(nc - 1, -1, -1):
-        carried[:, i] = carry
-        carry = ac[:, i, 0] * torch.addcmul(start[:, i], decay[:, i], carry)
-    gc[:, :, -1] += carried
+    carried_at, start_at, decay_at, first_a = carried.unbind(1), start.unbind(1), decay.unbind(1), a_at[0].unbind(1)
+    carried_at[-1].zero_()
+    for i in range(nc - 1, 0, -1):
+        torch.mul(first_a[i], torch.addcmul(start_at[i], decay_at[i], carried_at[i]), out=carried_at[i - 1])
+    g_at[-1].add_(carried)
     for t in range(c - 2, -1, -1):
-        gc[:, :, t].addcmul_(ac[:, :, t + 1], gc[:, :, t + 1])
+        g_at[t].addcmul_(a_at[t + 1], g_at[t + 1])
 
 
-SUM_BLOCK_TOKENS = 256  # time block of _sum_of_products
+BLOCK_ELEMENTS = 2**18  # elements of x [B, T, H, P] per time block of the backward's products (1 MiB fp32)
 
 
-def _sum_of_products(x, y, *, out):
-    """out = (x * y).sum(-1, keepdim=True) for x, y [B, T, H, P], a block of SUM_BLOCK_TOKENS positions at a
-    time through one small scratch: a product the size of x, fresh, would cost more in page faults on a CPU
-    than the arithmetic."""
-    scratch = x.new_empty(x.shape[0], min(SUM_BLOCK_TOKENS, x.shape[1]), *x.shape[2:])
-    for start in range(0, x.shape[1], SUM_BLOCK_TOKENS):
-        end = min(start + SUM_BLOCK_TOKENS, x.shape[1])
-        part = scratch[:, :end - start]
-        torch.sum(torch.mul(x[:, start:end], y[:, start:end], out=part), -1, keepdim=True, out=out[:, start:end])
-    return out
+def _block_len(x) -> int:
+    """Positions per time block of _channel_sums_ / _products_p1_: about BLOCK_ELEMENTS of x, in cache."""
+    return max(1, BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
+
+
+def _products_p1_(gh, h, gy, v, k, a, *, grad_a):
+    """The backward's products when P = 1, in one pass over time, a block of positions at a time (every
+    product of a block made while its rows are in cache), each into memory the call owns:
+    grad_a_t = gh_t h_{t-1} a_t for t >= 1 (row 0, set by the caller, is multiplied by a_0; this is
+    d L / d log_decay), then a <- gh v (grad_k), gh <- gh k (grad_v) and h <- h gy (grad_q). Five separate
+    passes would each read two tensors from memory and write one."""
+    seq, block = gh.shape[1], _block_len(gh)
+    prev = h.new_empty(h[:, 0].shape)  # h's last row of the block before, as it was before it became grad_q
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        if start:
+            torch.mul(gh[:, start], prev, out=grad_a[:, start])
+        torch.mul(gh[:, start + 1:end], h[:, start:end - 1], out=grad_a[:, start + 1:end])
+        grad_a[:, start:end].mul_(a[:, start:end])
+        g = gh[:, start:end]
+        torch.mul(g, v[:, start:end], out=a[:, start:end])
+        g.mul_(k[:, start:end])
+        prev.copy_(h[:, end - 1])
+        h[:, start:end].mul_(gy[:, start:end])
+
+
+def _channel_sums_(gh, h, gy, v, k, *, grad_a, grad_q, grad_k):
+    """The backward's channel sums when P > 1, for x [B, T, H, P]: grad_k_t = sum_p gh_t v_t, grad_q_t =
+    sum_p h_t gy_t and, for t >= 1, grad_a_t = sum_p gh_t h_{t-1}; then gh becomes grad_v = gh k in place.
+
+    One pass over time, a block of positions at a time (_block_len), with every product of a block made while
+    its rows are in cache, through one small scratch: three separate passes would read gh and h twice each
+    from memory, and a product the size of x, fresh, costs more than the arithmetic on a CPU."""
+    seq, block = gh.shape[1], _block_len(gh)
+    scratch = gh.new_empty(gh.shape[0], min(block, seq), *gh.shape[2:])
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        part, g = scratch[:, :end - start], gh[:, start:end]
+        torch.sum(torch.mul(g, v[:, start:end], out=part), -1, keepdim=True, out=grad_k[:, start:end])
+        torch.sum(torch.mul(h[:, start:end], gy[:, start:end], out=part), -1, keepdim=True, out=grad_q[:, start:end])
+        lo = max(start, 1)
+        torch.sum(torch.mul(gh[:, lo:end], h[:, lo - 1:end - 1], out=part[:, :end - lo]), -1, keepdim=True,
+                  out=grad_a[:, lo:end])
+        g.mul_(k[:, start:end])
 
 
 class _ElementwiseScan(torch.autograd.Function):
@@ -178,21 +216,15 @@ class _ElementwiseScan(torch.autograd.Function):
         # On a CPU a fresh tensor the size of h costs page faults worth several passes over it, so the
         # products below go into memory this call already owns where they can (h and a are its own, saved or
         # recomputed, never seen by the caller; gh's last use is grad_v), and with P > 1 the sums over the
-        # channels run a block of positions at a time (_sum_of_products).
-        if h.shape[-1] == 1:
-            torch.mul(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
-            grad_q = h.mul_(gy)
-            grad_k = None  # into a's memory once grad_ld has used a (below)
+        # channels run a block of positions at a time, all in one pass (_channel_sums_, _products_p1_).
+        if h.shape[-1] == 1:  # a is this call's own (exp of log_decay): grad_k goes there once grad_a used it
+            _products_p1_(gh, h, gy, v, k, a, grad_a=grad_a)
+            grad_q, grad_k, grad_ld = h, a, grad_a[..., 0]
         else:
-            _sum_of_products(gh[:, 1:], h[:, :-1], out=grad_a[:, 1:])
             grad_q, grad_k = torch.empty_like(a), torch.empty_like(a)
-            _sum_of_products(h, gy, out=grad_q)
-            _sum_of_products(gh, v, out=grad_k)
-        grad_ld = grad_a.mul_(a)[..., 0]  # d a / d log_decay = a
-        if grad_k is None:  # a is this call's own (exp of log_decay), not needed past this point
-            grad_k = torch.mul(gh, v, out=a)
-        grad_v = gh.mul_(k)
-        return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
+            _channel_sums_(gh, h, gy, v, k, grad_a=grad_a, grad_q=grad_q, grad_k=grad_k)
+            grad_ld = grad_a.mul_(a)[..., 0]  # d a / d log_decay = a
+        return grad_q, grad_k, gh, grad_ld, grad_h0, None  # gh is grad_v now
 
 
 def _liquid_scan_elementwise(q, k, v, log_decay, *, initial_state, recompute: bool):

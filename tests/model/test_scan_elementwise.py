@@ -37,12 +37,15 @@ def test_matches_reference_wide_and_narrow(channels):
     check_against_reference(*make_inputs(1, 70, heads, 1, p, with_state=True, resets=(0, 15, 16, 31, 63)), 64)
 
 
-@pytest.mark.parametrize("block", [16, 64, 4096])
-def test_channel_sums_by_blocks_of_positions(monkeypatch, block):
-    """With P > 1 the backward's sums over the channels run SUM_BLOCK_TOKENS positions at a time: blocks
-    that divide the length, that leave a remainder (70 and the 69 of the shifted product), and one block."""
-    monkeypatch.setattr(scan_module, "SUM_BLOCK_TOKENS", block)
-    check_against_reference(*make_inputs(2, 70, 3, 1, 6, with_state=True, resets=(0, 33), seed=block), 64)
+@pytest.mark.parametrize("p", [1, 6])
+@pytest.mark.parametrize("block", [1, 16, 64, 4096])
+def test_backward_products_by_blocks_of_positions(monkeypatch, block, p):
+    """The backward's products (_products_p1_ at P = 1, the channel sums _channel_sums_ at P > 1) run a
+    block of positions at a time: blocks of one position, blocks that divide the length, that leave a
+    remainder (70 and the 69 of the shifted product), and one block for the whole length."""
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", block * 2 * 3 * p)  # batch 2, 3 heads
+    assert scan_module._block_len(torch.empty(2, 70, 3, p)) == block
+    check_against_reference(*make_inputs(2, 70, 3, 1, p, with_state=True, resets=(0, 33), seed=block), 64)
 
 
 def test_every_token_a_reset_and_reset_drops_initial_state():
