@@ -35,6 +35,9 @@ ELEMENTWISE_PAIRS = (("elementwise", "blelloch"), ("elementwise_wide", "blelloch
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 SDPA_PROBE_SEQ = 1024  # the backends are compared on the first min(seq, SDPA_PROBE_SEQ) tokens
 SEED = 0
+# Untimed runs before the timed ones: the first grows the process's heap (with host memory kept, the page
+# faults of a first run are not paid again), the second is the first in the steady state.
+WARMUP_RUNS = 2
 _RESULT_PREFIX = "BENCH_RESULT "
 # A child still running after this many time budgets (and at least _HARD_TIMEOUT_MIN_S) is killed.
 _HARD_TIMEOUT_BUDGETS = 10.0
@@ -291,7 +294,7 @@ def _measure(spec: dict) -> dict:
         time_runs(_fwd_bwd(lambda *xs: loss_fn(*(x[:, :warm] for x in xs)), inputs), device, warmup=1, repeats=0)
         runs = time_runs(run, device, warmup=0, repeats=1)
     else:
-        runs = time_runs(run, device, warmup=1, repeats=repeats)
+        runs = time_runs(run, device, warmup=WARMUP_RUNS, repeats=repeats)
     wall = time.perf_counter() - start
     if device.type == "cuda":
         peak_kib = torch.cuda.max_memory_allocated(device) / 1024
@@ -400,7 +403,7 @@ def bench_scan(
     """Measures every case at every seq (ascending) and returns one dict per (case, seq).
 
     A measured dict has case, seq, tokens_per_s (batch*seq / median seconds), seconds (median forward+backward
-    time of the timed runs after one warm-up), peak_mem_mib, runs, wall_s (warm-up plus timed runs), flops
+    time of the timed runs after WARMUP_RUNS warm-ups), peak_mem_mib, runs, wall_s (warm-up plus timed runs), flops
     (forward+backward FLOPs per run by the case's formula, flops_formula: see chunked_scan_flops,
     recurrence_flops, causal_attention_flops), flops_per_s (flops / seconds) and, when matmul is among the
     cases (it is always measured first), flops_fraction_of_matmul; a skipped one has case, seq and skipped
@@ -570,7 +573,7 @@ def main_scan(argv=None) -> dict:
     p.add_argument("--value-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs after two warm-ups (default 3)")
     p.add_argument("--reference-max-seq", type=int, default=4096)
     p.add_argument("--sdpa-max-seq", type=int, default=16384)
     p.add_argument("--elementwise-channels", type=int, default=2048)
