@@ -18,6 +18,7 @@ SUMMARY_KEYS = {
     "chunked_vs_sdpa_at_16384", "sdpa_anchor_at_16384", "chunked_vs_sdpa_math_at_16384",
     "matmul_flops_per_s", "chunked_flops_fraction_of_matmul_at_4096", "chunked_flops_fraction_of_matmul_at_16384",
     "elementwise_vs_blelloch_at_4096", "elementwise_wide_vs_blelloch_wide_at_4096",
+    "elementwise_vs_blelloch_paired_at_4096", "elementwise_wide_vs_blelloch_wide_paired_at_4096",
     "chunked_16384_over_4096_time", "chunked_65536_peak_mem_gib",
 }
 
@@ -92,6 +93,11 @@ def test_main_scan_quick_schema(capsys, in_process):
         assert "tokens_per_s" in by_key[(case, 128)], case
     assert by_key[("chunked", 64)]["flops_formula"] == "chunked_scan"
     assert by_key[("blelloch_wide", 64)]["flops"] == by_key[("elementwise_wide", 64)]["flops"]
+    for fast, _ in ELEMENTWISE_PAIRS:  # the in-process pairing with Blelloch, alternating run by run
+        paired = by_key[(fast, 64)]["paired"]
+        assert paired["rounds"] >= bench.PAIRED_MIN_ROUNDS and paired["seconds"] > 0 and paired["anchor_seconds"] > 0
+        assert paired["ratio"] == pytest.approx(paired["anchor_seconds"] / paired["seconds"], rel=1e-3)
+    assert "paired" not in by_key[("blelloch", 64)] and "paired" not in by_key[("chunked", 64)]
     assert "reference_max_seq" in by_key[("reference", 128)]["skipped"]
     for case in ("sdpa", "sdpa_math"):
         skip = by_key[(case, 128)]["skipped"]
@@ -142,7 +148,8 @@ def test_summary_ratios_against_the_fastest_anchor():
         m("sdpa_math", 16384, 400.0, sdpa_backend="MATH"),  # if MATH were faster, it is the anchor
         m("chunked", 4096, 2000.0, flops_per_s=60.0),
         m("chunked", 16384, 1600.0, flops_per_s=40.0),
-        m("elementwise", 4096, 900.0), m("blelloch", 4096, 300.0),
+        m("elementwise", 4096, 900.0, paired={"rounds": 7, "seconds": 1.0, "anchor_seconds": 3.5, "ratio": 3.5}),
+        m("blelloch", 4096, 300.0),
         m("elementwise_wide", 4096, 500.0), {"case": "blelloch_wide", "seq": 4096, "skipped": "why"},
     ]
     s = bench._summary(results)
@@ -155,6 +162,7 @@ def test_summary_ratios_against_the_fastest_anchor():
     assert s["chunked_flops_fraction_of_matmul_at_4096"] == 0.6
     assert s["chunked_flops_fraction_of_matmul_at_16384"] == 0.4
     assert s["elementwise_vs_blelloch_at_4096"] == 3.0 and s["elementwise_wide_vs_blelloch_wide_at_4096"] is None
+    assert s["elementwise_vs_blelloch_paired_at_4096"] == 3.5 and s["elementwise_wide_vs_blelloch_wide_paired_at_4096"] is None
     assert s["chunked_16384_over_4096_time"] == 5.0 and s["chunked_65536_peak_mem_gib"] is None
     assert [f"{a}_vs_{b}_at_4096" for a, b in ELEMENTWISE_PAIRS] == [
         "elementwise_vs_blelloch_at_4096", "elementwise_wide_vs_blelloch_wide_at_4096"]
