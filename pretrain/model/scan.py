@@ -242,7 +242,9 @@ def _liquid_scan_elementwise(q, k, v, log_decay, *, initial_state, recompute: bo
         xs = [torch.cat([x, x.new_zeros((batch, pad, *x.shape[2:]))], dim=1) for x in xs]
     h0 = initial_state.float()[:, :, 0] if initial_state is not None else None
     y, final = _ElementwiseScan.apply(*xs, h0, recompute)
-    return y[:, :seq].to(v.dtype), final[:, :, None]
+    # No slice without padding: autograd's backward of a slice writes the gradient into a zero-filled
+    # tensor of the whole shape, a fill and a copy the size of y, even when the slice is the whole.
+    return (y[:, :seq] if pad else y).to(v.dtype), final[:, :, None]
 
 
 def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE, recompute=False):
@@ -303,7 +305,8 @@ def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, 
             y, state = _chunk_group(*parts, state)
         ys.append(y)
     y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
-    y = y.reshape(batch, heads, num_chunks * chunk, p)[:, :, :seq].movedim(1, 2)
+    y = y.reshape(batch, heads, num_chunks * chunk, p)
+    y = (y[:, :, :seq] if pad else y).movedim(1, 2)  # no slice without padding (see _liquid_scan_elementwise)
     return y.to(out_dtype), state
 
 
