@@ -227,20 +227,38 @@ class _ElementwiseScan(torch.autograd.Function):
         return grad_q, grad_k, gh, grad_ld, grad_h0, None  # gh is grad_v now
 
 
+def _cpu_kernel():
+    """The fused C++ form of the element-wise recurrence (pretrain/model/scan_cpu.py) when it is built here,
+    else None. Exported models ship without that module: their copy of this file takes the PyTorch form."""
+    try:
+        scan_cpu = importlib.import_module("pretrain.model.scan_cpu")
+    except ImportError:
+        return None
+    return scan_cpu.ElementwiseScanCPU if scan_cpu.available() else None
+
+
 def _liquid_scan_elementwise(q, k, v, log_decay, *, initial_state, recompute: bool):
-    """liquid_scan for key_dim 1 (see _ElementwiseScan): same contract, resets included (a reset's decay
-    exp(-inf) = 0 drops the state exactly)."""
+    """liquid_scan for key_dim 1: same contract, resets included (a reset's decay exp(-inf) = 0 drops the
+    state exactly). On the CPU the fused C++ loop (scan_cpu.ElementwiseScanCPU) where it builds, else (and on
+    other devices) _ElementwiseScan, its PyTorch form."""
     _check_shapes(q, k, v, log_decay, initial_state)
     batch, seq, heads, _ = q.shape
     p = v.shape[-1]
     if seq == 0:
         state = q.new_zeros(batch, heads, 1, p, dtype=torch.float32) if initial_state is None else initial_state.float()
         return v.new_zeros(batch, 0, heads, p), state
+    h0 = initial_state.float()[:, :, 0].contiguous() if initial_state is not None else None
+    kernel = _cpu_kernel() if q.device.type == "cpu" else None
+    if kernel is not None:  # any length, no padding; q and k as [B, T, H] (a view: a select's backward would
+        # fill a zero tensor and copy the gradient in)
+        y, final = kernel.apply(q.float().reshape(batch, seq, heads).contiguous(),
+                                k.float().reshape(batch, seq, heads).contiguous(), v.float().contiguous(),
+                                log_decay.float().contiguous(), h0, recompute)
+        return y.to(v.dtype), final[:, :, None]
     pad = -seq % _chunk_len(seq)
     xs = [x.float() for x in (q, k, v, log_decay)]
     if pad:  # log_decay 0 (a = 1) and k = 0 after the end carry the last state unchanged
         xs = [torch.cat([x, x.new_zeros((batch, pad, *x.shape[2:]))], dim=1) for x in xs]
-    h0 = initial_state.float()[:, :, 0] if initial_state is not None else None
     y, final = _ElementwiseScan.apply(*xs, h0, recompute)
     # No slice without padding: autograd's backward of a slice writes the gradient into a zero-filled
     # tensor of the whole shape, a fill and a copy the size of y, even when the slice is the whole.

@@ -10,6 +10,21 @@ from pretrain.model import scan as scan_module
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
 from tests.model.test_scan import check_against_reference, make_inputs, run_with_grads, assert_close
 
+from pretrain.model import scan_cpu
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "pytorch"])
+def form(request, monkeypatch):
+    """Every test runs both forms of the element-wise scan on the CPU: the fused C++ loop (scan_cpu) and the
+    PyTorch form (_ElementwiseScan, the fallback where no compiler is found, and the form on other devices)."""
+    if request.param == "cpu_kernel":
+        if not scan_cpu.available():
+            pytest.skip("the CPU scan kernel did not build here (see the warning)")
+        assert scan_module._cpu_kernel() is scan_cpu.ElementwiseScanCPU
+    else:
+        monkeypatch.setattr(scan_module, "_cpu_kernel", lambda: None)
+    return request.param
+
 
 def test_key_dim_1_takes_the_elementwise_path(monkeypatch):
     calls = []
@@ -93,3 +108,24 @@ def test_long_strong_decay_is_finite():
     # 200 tokens of decays averaging e^-20 each forget the state before them: a scan of the last 300 alone
     # gives the same last 100 outputs.
     assert_close(y[:, -100:], y_ref[:, -100:])
+
+
+def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_form(form, monkeypatch):
+    """The kernel splits (batch, head) pairs over torch's threads, each channel in time order in one thread:
+    the same bits at 1 and 3 threads; and the PyTorch form's values and gradients to fp32 rounding."""
+    if form != "cpu_kernel":
+        pytest.skip("a property of the kernel")
+    inputs = make_inputs(2, 77, 5, 1, 6, with_state=True, resets=(0, 40))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(liquid_scan, *inputs, 64)
+        torch.set_num_threads(3)
+        three = run_with_grads(liquid_scan, *inputs, 64)
+    finally:
+        torch.set_num_threads(threads)
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(three)))
+    monkeypatch.setattr(scan_module, "_cpu_kernel", lambda: None)
+    for a, b in zip(flat(one), flat(run_with_grads(liquid_scan, *inputs, 64))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
