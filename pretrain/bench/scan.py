@@ -321,7 +321,7 @@ def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
         ours += time_runs(run, device, warmup=0, repeats=1)
         theirs += time_runs(anchor, device, warmup=0, repeats=1)
     a, b = statistics.median(ours), statistics.median(theirs)
-    return {"rounds": rounds, "seconds": round(a, 6), "anchor_seconds": round(b, 6), "ratio": round(b / a, 4)}
+    return {"rounds": rounds, "seconds": round(a, 9), "anchor_seconds": round(b, 9), "ratio": round(b / a, 4)}
 
 
 def _child_result(spec: dict) -> dict:
