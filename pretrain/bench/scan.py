@@ -283,10 +283,7 @@ def _measure(spec: dict) -> dict:
                 scan = functools.partial(liquid_scan, recompute=True)
             scan = functools.partial(scan, chunk_size=chunk)
 
-        def loss_fn(q, k, v, log_decay):
-            y, state = scan(q, k, v, log_decay)
-            return y.sum() + state.sum()
-
+        loss_fn = _scan_loss(scan)
         run = _fwd_bwd(loss_fn, inputs)
 
     if case == "reference":
@@ -306,15 +303,20 @@ def _measure(spec: dict) -> dict:
     return {"runs": runs, "wall_s": wall, "peak_kib": peak_kib, **extra}
 
 
+def _scan_loss(scan):
+    """The loss every scan case differentiates: the sum of the outputs and of the final state."""
+    def loss_fn(q, k, v, log_decay):
+        y, state = scan(q, k, v, log_decay)
+        return y.sum() + state.sum()
+
+    return loss_fn
+
+
 def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
     """The element-wise scan and the Blelloch scan on the same inputs in this one process, alternating run by
     run (after WARMUP_RUNS of each), so that load from elsewhere and the process's heap hit both alike: the
     medians and ratio (Blelloch's time over ours; > 1: ours is faster)."""
-    def anchor_loss(q, k, v, log_decay):
-        y, state = blelloch_scan(q, k, v, log_decay)
-        return y.sum() + state.sum()
-
-    anchor = _fwd_bwd(anchor_loss, inputs)
+    anchor = _fwd_bwd(_scan_loss(blelloch_scan), inputs)
     time_runs(anchor, device, warmup=WARMUP_RUNS, repeats=0)
     ours, theirs = [], []
     for _ in range(rounds):

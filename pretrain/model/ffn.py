@@ -117,6 +117,14 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _group_offsets(counts, device) -> torch.Tensor:
+    """grouped_mm's `offs`: the end row of each expert's group (int32), from per-expert counts (a list or a
+    tensor; no host read)."""
+    if not torch.is_tensor(counts):
+        counts = torch.tensor(list(counts), dtype=torch.int64)
+    return counts.to(device=device).cumsum(0).to(torch.int32)
+
+
 def _grouped_experts(x_sorted, counts, w1, w3, w2, dtype):
     """SwiGLU experts as grouped GEMMs: rows offs[e-1]:offs[e] of x_sorted go to expert e.
 
@@ -126,9 +134,7 @@ def _grouped_experts(x_sorted, counts, w1, w3, w2, dtype):
     """
     if x_sorted.shape[0] == 0:  # grouped_mm's backward rejects the zero-size gradients this would get
         return x_sorted.new_zeros(0, w2.shape[1], dtype=dtype)
-    if not torch.is_tensor(counts):
-        counts = torch.tensor(list(counts), dtype=torch.int64)
-    offs = counts.to(device=x_sorted.device).cumsum(0).to(torch.int32)
+    offs = _group_offsets(counts, x_sorted.device)
     x = x_sorted.to(dtype).contiguous()
     w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))
     # nn.Linear layout [E, out, in]: the grouped product wants [E, in, out], i.e. the transpose.
@@ -182,9 +188,7 @@ expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
 
 def _grouped_experts_cpu(x_sorted, counts, w1, w3, w2, dtype):
     """_grouped_experts through expert_mm (fp32 on the CPU): the same products and sums, traceable."""
-    if not torch.is_tensor(counts):
-        counts = torch.tensor(list(counts), dtype=torch.int64)
-    offs = counts.to(device=x_sorted.device).cumsum(0).to(torch.int32)
+    offs = _group_offsets(counts, x_sorted.device)
     x = x_sorted.to(dtype)
     h = F.silu(expert_mm(x, w1.to(dtype), offs)) * expert_mm(x, w3.to(dtype), offs)
     return expert_mm(h, w2.to(dtype), offs)
