@@ -227,13 +227,16 @@ class _ElementwiseScan(torch.autograd.Function):
         return grad_q, grad_k, gh, grad_ld, grad_h0, None  # gh is grad_v now
 
 
-def _cpu_kernel():
-    """The fused C++ form of the element-wise recurrence (pretrain/model/scan_cpu.py) when it is built here,
-    else None. Exported models ship without that module: their copy of this file takes the PyTorch form."""
+def _cpu_kernel(chunked: bool = False):
+    """The fused C++ form (pretrain/model/scan_cpu.py) of the element-wise recurrence, or with `chunked` of the
+    chunked scan, when it is built here, else None. Exported models ship without that module: their copy of
+    this file takes the PyTorch form."""
     try:
         scan_cpu = importlib.import_module("pretrain.model.scan_cpu")
     except ImportError:
         return None
+    if chunked:
+        return scan_cpu.ChunkedScanCPU if scan_cpu.chunked_available() else None
     return scan_cpu.ElementwiseScanCPU if scan_cpu.available() else None
 
 
@@ -284,6 +287,10 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
                                     recompute=recompute)
 
 
+def _rows_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, recompute: bool):
     _check_shapes(q, k, v, log_decay, initial_state)
     if chunk_size < 1:
@@ -295,6 +302,11 @@ def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, 
         state = q.new_zeros(batch, heads, n, p, dtype=torch.float32) if initial_state is None else initial_state.float()
         return v.new_zeros(batch, 0, heads, p), state
     chunk = min(chunk_size, seq)
+    kernel = _cpu_kernel(chunked=True) if q.device.type == "cpu" and batch * heads > 0 else None
+    if kernel is not None:  # one C++ pass per direction, any length (no padding), views read in place
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        y, state = kernel.apply(*(_rows_contiguous(x.float()) for x in (q, k, v)), log_decay.float(), h0, chunk)
+        return y.to(out_dtype), state
     num_chunks = -(-seq // chunk)
     pad = num_chunks * chunk - seq
 

@@ -33,7 +33,11 @@ import torch
 _SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -159,9 +163,361 @@ void liquid_elementwise_backward(const float* q, const float* k, const float* a,
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------
+// The chunked scan (key_dim N > 1): per (batch, head), chunks of C tokens in time order, each chunk's four
+// matmuls done by the BLAS sgemm that torch itself links (its address is passed in), on cache-resident tiles,
+// with the decay masks, state passing and the log-decay gradient fused around them.
+// ---------------------------------------------------------------------------------------------------------
+
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                        const int*, const float*, const int*, const float*, float*, const int*);
+
+namespace {
+
+// Row-major C[m x n] = alpha op(A) op(B) + beta C through a column-major sgemm (C^T = op(B)^T op(A)^T);
+// ta / tb 'N' or 'T' as for row-major operands; lda, ldb, ldc are row strides. beta 0 never reads C.
+struct Gemm {
+  sgemm_t f;
+  void operator()(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) const {
+    const int mm = (int)m, nn = (int)n, kk = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+    f(&tb, &ta, &nn, &mm, &kk, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  }
+};
+
+// exp(x) for x <= 0 (0 below -87.3), a Cephes-style polynomial (about 1 ulp) that vectorises.
+static inline float exp_nonpos(float x) {
+  const float xc = x < -87.3f ? -87.3f : x;
+  const float kf = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - kf * 0.693359375f + kf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const float scale = __builtin_bit_cast(float, ((int32_t)kf + 127) << 23);  // 2^kf (a union would not vectorise)
+  return x < -87.3f ? 0.0f : e * scale;
+}
+
+// One chunk's decay structure, from log_decay (-inf = reset) at stride `ls`: cum (inclusive log-decay sum
+// from the chunk's start, resets counted as 0), seg (resets up to and including t), e_t = exp(cum_t) where
+// no reset precedes t in the chunk (the carried state's decay to t; else 0), f_s = exp(cum_last - cum_s)
+// where no reset follows s (s's decay to the chunk's end; else 0); returns gamma = e_last (the carried
+// state's decay through the chunk).
+static float chunk_decays(const float* ld, int64_t ls, int64_t len, float* cum, float* seg, float* e, float* f,
+                          bool* reset) {
+  float c = 0.0f, s = 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    const float x = ld[t * ls];
+    reset[t] = x == -__builtin_inff();
+    s += reset[t] ? 1.0f : 0.0f;
+    c += reset[t] ? 0.0f : x;
+    cum[t] = c;
+    seg[t] = s;
+  }
+  const float last = cum[len - 1], last_seg = seg[len - 1];
+  for (int64_t t = 0; t < len; ++t) {
+    e[t] = seg[t] == 0.0f ? exp_nonpos(cum[t]) : 0.0f;
+    f[t] = seg[t] == last_seg ? exp_nonpos(last - cum[t]) : 0.0f;
+  }
+  return e[len - 1];
+}
+
+// D[t, s] = exp(cum_t - cum_s) for s <= t in one segment, else 0 (rows of stride C, columns up to len); with
+// M != null also M *= D in place (M = q k^T becomes the masked, decayed scores).
+void decay_mask(const float* cum, const float* seg, int64_t len, int64_t C, float* D, float* M) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float ct = cum[t], st = seg[t];
+    float* Dt = D + t * C;
+#pragma omp simd
+    for (int64_t s = 0; s <= t; ++s) Dt[s] = seg[s] == st ? exp_nonpos(ct - cum[s]) : 0.0f;
+    for (int64_t s = t + 1; s < len; ++s) Dt[s] = 0.0f;
+    if (M) {
+      float* Mt = M + t * C;
+#pragma omp simd
+      for (int64_t s = 0; s < len; ++s) Mt[s] *= Dt[s];
+    }
+  }
+}
+
+// Backward through the mask: dcum_t += sum_s dA[t,s] A[t,s], dcum_s -= the same; then dA *= D (dL/d(q k^T)).
+void mask_backward(const float* A, const float* D, int64_t len, int64_t C, float* dA, float* dcum) {
+  for (int64_t s = 0; s < len; ++s) dcum[s] = 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    const float* At = A + t * C;
+    const float* Dt = D + t * C;
+    float* dAt = dA + t * C;
+    float row = 0.0f;
+#pragma omp simd reduction(+ : row)
+    for (int64_t s = 0; s < len; ++s) {
+      const float z = dAt[s] * At[s];
+      row += z;
+      dcum[s] -= z;
+      dAt[s] *= Dt[s];
+    }
+    dcum[t] += row;
+  }
+}
+
+// X[t, :] = scale_t * Y[t, :] for len rows of width n (Y's rows at stride ly).
+static void scale_rows(const float* Y, int64_t ly, const float* scale, int64_t len, int64_t n, float* X) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float a = scale[t];
+    for (int64_t j = 0; j < n; ++j) X[t * n + j] = a * Y[t * ly + j];
+  }
+}
+
+// XT[j, i] = X[i, j] for rows x cols (X's rows at stride lx; XT's at stride lt). MKL's small-size sgemm runs
+// A B^T (both operands' rows contiguous along k) at a fraction of the rate of A B, so B is transposed first,
+// 8 x 8 tiles at a time in AVX registers where the machine has them.
+#if defined(__AVX__)
+static inline void transpose8(const float* X, int64_t lx, float* XT, int64_t lt) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(X + i * lx);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // rows 4i..4i+3 of each pair of lanes
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(XT + i * lt, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
+    _mm256_storeu_ps(XT + (4 + i) * lt, _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
+  }
+}
+#endif
+
+static void transpose(const float* X, int64_t lx, int64_t rows, int64_t cols, float* XT, int64_t lt) {
+  int64_t r8 = 0, c8 = 0;
+#if defined(__AVX__)
+  r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t i = 0; i < r8; i += 8)
+    for (int64_t j = 0; j < c8; j += 8) transpose8(X + i * lx + j, lx, XT + j * lt + i, lt);
+#endif
+  for (int64_t i = 0; i < rows; ++i)  // what the tiles left: columns c8.. of every row, rows r8.. of the rest
+    for (int64_t j = i < r8 ? c8 : 0; j < cols; ++j) XT[j * lt + i] = X[i * lx + j];
+}
+
+struct Strides { int64_t b, t, h; };
+
+// Heads whose chunk tiles one thread packs at a time (their inputs, outputs and states stay in its L2).
+constexpr int64_t HEAD_GROUP = 8;
+
+// dst[0, n) = src[0, n) with non-temporal stores where dst is 64-byte aligned: results written once and not
+// read again by this call (outputs, saved states) skip the read-for-ownership of each line. The caller ends
+// its writes with fence_stores().
+static void store_stream(const float* src, int64_t n, float* dst) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+    std::copy(src + j, src + n, dst + j);
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+static void fence_stores() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// A chunk of a group of heads as contiguous tiles: row t of head j (at X + t lt + j lh, `cols` contiguous
+// floats) <-> tiles[(j C + t) cols ...]. Row by row, so one sweep reads (writes) a row's heads, adjacent in
+// the [B, T, H, N] layout; a head's own rows are H N floats apart, 4 KiB or more, each in another page, where
+// the hardware prefetcher stops. The matmuls then run on the packed tiles.
+static void pack_heads(const float* X, int64_t lt, int64_t lh, int64_t len, int64_t nh, int64_t cols, int64_t C,
+                       float* tiles) {
+  for (int64_t t = 0; t < len; ++t)
+    for (int64_t j = 0; j < nh; ++j) std::copy(X + t * lt + j * lh, X + t * lt + j * lh + cols, tiles + (j * C + t) * cols);
+}
+static void unpack_heads(const float* tiles, int64_t len, int64_t nh, int64_t cols, int64_t C, float* X, int64_t lt,
+                         int64_t lh) {
+  for (int64_t t = 0; t < len; ++t)
+    for (int64_t j = 0; j < nh; ++j) store_stream(tiles + (j * C + t) * cols, cols, X + t * lt + j * lh);
+}
+
+// Per row t of X [len x n]: X[t] *= scale_t and dcum[t] += sign * <Y[t], X[t]>.
+static void scale_rows_dot(float* X, const float* Y, const float* scale, int64_t len, int64_t n, float sign,
+                           float* dcum, float* total) {
+  float sum = 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    const float a = scale[t];
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < n; ++j) {
+      X[t * n + j] *= a;
+      dot += Y[t * n + j] * X[t * n + j];
+    }
+    dcum[t] += sign * dot;
+    sum += dot;
+  }
+  if (total) *total += sum;
+}
+
+}  // namespace
+
+extern "C" {
+
+// q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H], each at the given (batch, seq, head) strides with
+// its last dimension contiguous; h0 [B, H, N, P] contiguous or null. Out (contiguous): y [B, T, H, P], states
+// [B, H, chunks, N, P] (the state entering each chunk, for backward), final_state [B, H, N, P].
+void liquid_chunked_forward(sgemm_t sgemm, const float* q, const float* k, const float* v, const float* ld,
+                            const float* h0, float* y, float* states, float* final_state, int64_t B, int64_t T,
+                            int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
+                            const int64_t* sv, const int64_t* sl, int64_t threads) {
+  const Gemm gemm{sgemm};
+  const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
+  const int64_t chunks = (T + C - 1) / C, NP = N * P;
+  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
+    const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
+    std::vector<float> A(C * C), D(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), Ya(G * C * P), KT(N * C),
+        Xs(C * N), S(G * NP), cum(C), seg(C), e(C), f(C);
+    std::unique_ptr<bool[]> reset(new bool[C]);
+    // Chunk-major over a group of heads: one chunk of every head in the group, then the next chunk.
+    for (int64_t g0 = h_lo; g0 < h_hi; g0 += G) {
+      const int64_t nh = std::min(G, h_hi - g0);
+      if (h0) std::copy(h0 + (b * H + g0) * NP, h0 + (b * H + g0 + nh) * NP, S.begin());
+      else std::fill(S.begin(), S.end(), 0.0f);
+      for (int64_t i = 0; i < chunks; ++i) {
+        const int64_t t0 = i * C, len = std::min(C, T - t0);
+        pack_heads(q + b * Sq.b + t0 * Sq.t + g0 * Sq.h, Sq.t, Sq.h, len, nh, N, C, Qa.data());
+        pack_heads(k + b * Sk.b + t0 * Sk.t + g0 * Sk.h, Sk.t, Sk.h, len, nh, N, C, Ka.data());
+        pack_heads(v + b * Sv.b + t0 * Sv.t + g0 * Sv.h, Sv.t, Sv.h, len, nh, P, C, Va.data());
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t h = g0 + j;
+          const float *Qc = Qa.data() + j * C * N, *Kc = Ka.data() + j * C * N, *Vc = Va.data() + j * C * P;
+          float* Yc = Ya.data() + j * C * P;
+          float* Sh = S.data() + j * NP;
+          const float gamma = chunk_decays(ld + b * Sl.b + t0 * Sl.t + h * Sl.h, Sl.t, len, cum.data(), seg.data(),
+                                           e.data(), f.data(), reset.get());
+          store_stream(Sh, NP, states + ((b * H + h) * chunks + i) * NP);
+          transpose(Kc, N, len, N, KT.data(), C);
+          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // q k^T
+          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data());
+          gemm('N', 'N', len, P, len, 1.0f, A.data(), C, Vc, P, 0.0f, Yc, P);  // intra-chunk
+          if (e[0] != 0.0f) {  // the carried state, decayed to each t: (q * e) S
+            scale_rows(Qc, N, e.data(), len, N, Xs.data());
+            gemm('N', 'N', len, P, N, 1.0f, Xs.data(), N, Sh, P, 1.0f, Yc, P);
+          }
+          scale_rows(Kc, N, f.data(), len, N, Xs.data());  // S = gamma S + (k * f)^T v
+          gemm('T', 'N', N, P, len, 1.0f, Xs.data(), N, Vc, P, gamma, Sh, P);
+        }
+        unpack_heads(Ya.data(), len, nh, P, C, y + ((b * T + t0) * H + g0) * P, H * P, P);
+      }
+      std::copy(S.begin(), S.begin() + nh * NP, final_state + (b * H + g0) * NP);
+    }
+    fence_stores();
+  });
+}
+
+// Gradients, given gy [B, T, H, P] and g_final [B, H, N, P] (contiguous; g_final may be null) and the states
+// saved by the forward. Out (contiguous): grad_q, grad_k [B, T, H, N], grad_v [B, T, H, P], grad_ld [B, T, H]
+// (0 at resets) and grad_h0 [B, H, N, P] (may be null).
+void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, const float* v, const float* ld,
+                             const float* states, const float* gy, const float* g_final, float* grad_q,
+                             float* grad_k, float* grad_v, float* grad_ld, float* grad_h0, int64_t B, int64_t T,
+                             int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
+                             const int64_t* sv, const int64_t* sl, int64_t threads) {
+  const Gemm gemm{sgemm};
+  const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
+  const int64_t chunks = (T + C - 1) / C, NP = N * P;
+  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
+    const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
+    std::vector<float> A(C * C), D(C * C), dA(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), dYa(G * C * P),
+        dQa(G * C * N), dKa(G * C * N), dVa(G * C * P), KT(N * C), VT(P * C), Xs(C * N), ST(NP), dS_all(G * NP),
+        cum(C), seg(C), e(C), f(C), dcum(C);
+    std::unique_ptr<bool[]> reset(new bool[C]);
+    for (int64_t g0 = h_lo; g0 < h_hi; g0 += G) {
+      const int64_t nh = std::min(G, h_hi - g0);
+      if (g_final) std::copy(g_final + (b * H + g0) * NP, g_final + (b * H + g0 + nh) * NP, dS_all.begin());
+      else std::fill(dS_all.begin(), dS_all.end(), 0.0f);
+      for (int64_t i = chunks - 1; i >= 0; --i) {  // chunk-major over the group's heads, as in the forward
+        const int64_t t0 = i * C, len = std::min(C, T - t0);
+        const int64_t row0 = (b * T + t0) * H + g0;  // first (token, head) row of the contiguous gy and outputs
+        pack_heads(q + b * Sq.b + t0 * Sq.t + g0 * Sq.h, Sq.t, Sq.h, len, nh, N, C, Qa.data());
+        pack_heads(k + b * Sk.b + t0 * Sk.t + g0 * Sk.h, Sk.t, Sk.h, len, nh, N, C, Ka.data());
+        pack_heads(v + b * Sv.b + t0 * Sv.t + g0 * Sv.h, Sv.t, Sv.h, len, nh, P, C, Va.data());
+        pack_heads(gy + row0 * P, H * P, P, len, nh, P, C, dYa.data());
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t h = g0 + j;
+          const float *Qc = Qa.data() + j * C * N, *Kc = Ka.data() + j * C * N, *Vc = Va.data() + j * C * P;
+          const float* dY = dYa.data() + j * C * P;
+          float *dQ = dQa.data() + j * C * N, *dK = dKa.data() + j * C * N, *dV = dVa.data() + j * C * P;
+          float* dS = dS_all.data() + j * NP;
+          const float* S_in = states + ((b * H + h) * chunks + i) * NP;
+          const float gamma = chunk_decays(ld + b * Sl.b + t0 * Sl.t + h * Sl.h, Sl.t, len, cum.data(), seg.data(),
+                                           e.data(), f.data(), reset.get());
+          transpose(Kc, N, len, N, KT.data(), C);
+          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // A = (q k^T) * D
+          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data());
+          transpose(Vc, P, len, P, VT.data(), C);
+          gemm('N', 'N', len, len, P, 1.0f, dY, P, VT.data(), C, 0.0f, dA.data(), C);  // dA = dy v^T
+          gemm('T', 'N', len, P, len, 1.0f, A.data(), C, dY, P, 0.0f, dV, P);  // dv = A^T dy
+          scale_rows(Kc, N, f.data(), len, N, Xs.data());                      //    + (k * f) dS
+          gemm('N', 'N', len, P, N, 1.0f, Xs.data(), N, dS, P, 1.0f, dV, P);
+          mask_backward(A.data(), D.data(), len, C, dA.data(), dcum.data());  // dA becomes dL/d(q k^T)
+          // dq = e * (dy S_in^T) + dM k; dcum_t += q_t . (e_t dy_t S_in^T)
+          transpose(S_in, P, N, P, ST.data(), N);
+          gemm('N', 'N', len, N, P, 1.0f, dY, P, ST.data(), N, 0.0f, dQ, N);
+          scale_rows_dot(dQ, Qc, e.data(), len, N, 1.0f, dcum.data(), nullptr);
+          gemm('N', 'N', len, N, len, 1.0f, dA.data(), C, Kc, N, 1.0f, dQ, N);
+          // dk = f * (v dS^T) + dM^T q; dcum_s -= k_s . (f_s v_s dS^T), dcum_last += the same
+          transpose(dS, P, N, P, ST.data(), N);
+          gemm('N', 'N', len, N, P, 1.0f, Vc, P, ST.data(), N, 0.0f, dK, N);
+          float to_last = 0.0f;
+          scale_rows_dot(dK, Kc, f.data(), len, N, -1.0f, dcum.data(), &to_last);
+          gemm('T', 'N', len, N, len, 1.0f, dA.data(), C, Qc, N, 1.0f, dK, N);
+          if (gamma != 0.0f) {  // S_out = gamma S_in + ...: dcum_last += gamma <dS, S_in>
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t n = 0; n < NP; ++n) dot += dS[n] * S_in[n];
+            to_last += gamma * dot;
+          }
+          dcum[len - 1] += to_last;
+          // dS_in = gamma dS + (q * e)^T dy
+          scale_rows(Qc, N, e.data(), len, N, Xs.data());
+          gemm('T', 'N', N, P, len, 1.0f, Xs.data(), N, dY, P, gamma, dS, P);
+          float run = 0.0f;  // cum_t = sum of log-decays up to t: d log_decay_u = sum_{t >= u} dcum_t
+          for (int64_t t = len - 1; t >= 0; --t) {
+            run += dcum[t];
+            grad_ld[row0 + j + t * H] = reset[t] ? 0.0f : run;
+          }
+        }
+        unpack_heads(dQa.data(), len, nh, N, C, grad_q + row0 * N, H * N, N);
+        unpack_heads(dKa.data(), len, nh, N, C, grad_k + row0 * N, H * N, N);
+        unpack_heads(dVa.data(), len, nh, P, C, grad_v + row0 * P, H * P, P);
+      }
+      if (grad_h0) std::copy(dS_all.begin(), dS_all.begin() + nh * NP, grad_h0 + (b * H + g0) * NP);
+    }
+    fence_stores();
+  });
+}
+
+}  // extern "C"
 """
 
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")  # as torch builds
+# On x86 the kernels are built for this machine's vector units (AVX-512 / AVX2: the decay masks' exp, the
+# transposes and row sums around the matmuls); the cache key then includes the CPU's flags, so a cache shared
+# between machines of different kinds holds one build per kind.
+_NATIVE = ("-march=native",) if platform.machine() in ("x86_64", "AMD64") else ()
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
 _ENV = "LIQUID_SCAN_CPU_KERNEL"
 
 
@@ -175,7 +531,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get(_ENV, "1") == "0":
         return None, f"{_ENV}=0"
     compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, platform.machine()]).encode()).hexdigest()[:16]
+    flags = _FLAGS + _NATIVE
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_id() if _NATIVE else ""])
+                         .encode()).hexdigest()[:16]
     path = _cache_dir() / f"liquid_elementwise_{key}.so"
     try:
         if not path.exists():
@@ -183,7 +541,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 src, out = Path(tmp) / "kernel.cpp", Path(tmp) / "kernel.so"
                 src.write_text(_SOURCE)
-                subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out)], check=True, capture_output=True,
+                subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
                                text=True, timeout=300)
                 os.replace(out, path)  # atomic: concurrent ranks each compile and one copy wins
         lib = ctypes.CDLL(str(path))
@@ -193,6 +551,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.liquid_elementwise_forward.argtypes = [ptr] * 8 + [i64] * 5
     lib.liquid_elementwise_backward.argtypes = [ptr] * 13 + [i64] * 5
+    lib.liquid_chunked_forward.argtypes = [ptr] * 9 + [i64] * 6 + [ptr] * 4 + [i64]
+    lib.liquid_chunked_backward.argtypes = [ptr] * 13 + [i64] * 6 + [ptr] * 4 + [i64]
     return lib, ""
 
 
@@ -254,4 +614,100 @@ class ElementwiseScanCPU(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_a, grad_h0, None  # grad_a: of log_decay (the kernel applies a)
 
 
-__all__ = ["ElementwiseScanCPU", "available"]
+@functools.cache
+def _sgemm() -> tuple[int | None, str]:
+    """(address of the sgemm that torch links, "") or (None, why not). torch's x86 wheels link MKL statically
+    and export its Fortran-style `sgemm_`; the address is checked once on a small product against torch."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (lib_dir / name).exists():
+            try:
+                fn = ctypes.CDLL(str(lib_dir / name)).sgemm_
+            except (OSError, AttributeError):
+                continue
+            break
+    else:
+        return None, f"torch's CPU library in {lib_dir} exports no sgemm_"
+    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    i32p, f32p = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float)
+    call = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, i32p, i32p, i32p, f32p, ctypes.c_void_p, i32p,
+                            ctypes.c_void_p, i32p, f32p, ctypes.c_void_p, i32p)(addr)
+    a, b = torch.arange(6.0).reshape(2, 3), torch.arange(12.0).reshape(3, 4) - 5
+    c = torch.full((2, 4), float("nan"))
+    m, n, k_ = (ctypes.c_int(x) for x in (2, 4, 3))
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    # row-major c = a b as column-major c^T = b^T a^T
+    call(b"N", b"N", ctypes.byref(n), ctypes.byref(m), ctypes.byref(k_), ctypes.byref(one), b.data_ptr(),
+         ctypes.byref(ctypes.c_int(4)), a.data_ptr(), ctypes.byref(ctypes.c_int(3)), ctypes.byref(zero),
+         c.data_ptr(), ctypes.byref(ctypes.c_int(4)))
+    if not torch.equal(c, a @ b):
+        return None, "torch's sgemm_ did not compute a test product correctly (not a 32-bit-integer BLAS?)"
+    return addr, ""
+
+
+def chunked_available() -> bool:
+    """Whether the chunked kernel can run: the library built and torch's sgemm found (a failure warns once)."""
+    if not available():
+        return False
+    addr, why = _sgemm()
+    if addr is None:
+        _warn_once(why)
+    return addr is not None
+
+
+def _strides(x: torch.Tensor):
+    """(batch, seq, head) strides of a [B, T, H, ...] tensor, as the int64[3] the kernel reads."""
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x if x.dim() == 3 or x.stride(-1) == 1 else x.contiguous()
+
+
+class ChunkedScanCPU(torch.autograd.Function):
+    """liquid_scan's chunked algorithm as one C++ pass per direction over each (batch, head): per chunk of C
+    tokens the four matmuls (q k^T, its masked product with v, the carried state's term and the state update)
+    through torch's sgemm on cache-resident tiles, the decay masks and state passing fused around them.
+
+    Inputs: q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H] (fp32 with the last dimension contiguous;
+    other strides are read as they are, so views of a projection's output need no copy; -inf is a reset),
+    h0 [B, H, N, P] or None, chunk size C. Returns y [B, T, H, P] and the final state [B, H, N, P].
+    Keeps for backward the inputs and the state entering each chunk ([B, H, chunks, N, P], N P / C floats per
+    token and head), and recomputes the chunk's masked scores there (one extra c x c x N matmul per chunk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, h0, chunk: int):
+        batch, seq, heads, n = q.shape
+        p = v.shape[-1]
+        chunks = -(-seq // chunk)
+        y = v.new_empty(batch, seq, heads, p)
+        states = v.new_empty(batch, heads, chunks, n, p)
+        final = v.new_empty(batch, heads, n, p)
+        lib = _library()[0]
+        lib.liquid_chunked_forward(_sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(h0), _ptr(y),
+                                   _ptr(states), _ptr(final), batch, seq, heads, n, p, chunk, _strides(q),
+                                   _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
+        ctx.chunk = chunk
+        ctx.save_for_backward(q, k, v, log_decay, states, h0)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        q, k, v, log_decay, states, h0 = ctx.saved_tensors
+        batch, seq, heads, n = q.shape
+        p = v.shape[-1]
+        gy = gy.contiguous() if gy is not None else v.new_zeros(batch, seq, heads, p)
+        g_final = g_final.contiguous() if g_final is not None else None
+        grad_q, grad_k = q.new_empty(batch, seq, heads, n), q.new_empty(batch, seq, heads, n)
+        grad_v, grad_ld = v.new_empty(batch, seq, heads, p), v.new_empty(batch, seq, heads)
+        want_h0 = h0 is not None and ctx.needs_input_grad[4]
+        grad_h0 = torch.empty_like(h0) if want_h0 else None
+        _library()[0].liquid_chunked_backward(
+            _sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(states), _ptr(gy), _ptr(g_final),
+            _ptr(grad_q), _ptr(grad_k), _ptr(grad_v), _ptr(grad_ld), _ptr(grad_h0), batch, seq, heads, n, p,
+            ctx.chunk, _strides(q), _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
+        return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
+
+
+__all__ = ["ChunkedScanCPU", "ElementwiseScanCPU", "available", "chunked_available"]

@@ -1,9 +1,14 @@
-"""The chunked liquid scan against the token-by-token reference: values, final state and gradients."""
+"""The chunked liquid scan against the token-by-token reference: values, final state and gradients.
+
+Every test runs both CPU forms of the chunked scan: the C++ kernel over torch's sgemm (scan_cpu.ChunkedScanCPU)
+and the PyTorch form (the fallback where the kernel cannot build, and the form on GPUs without Triton)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pretrain.model import scan as scan_module
+from pretrain.model import scan_cpu
 from pretrain.model.scan import DEFAULT_CHUNK_SIZE, liquid_scan, liquid_scan_reference
 
 NEG_INF = float("-inf")
@@ -31,6 +36,19 @@ def make_inputs(batch, seq, heads, n, p, *, reset_prob=0.0, resets=(), with_stat
             log_decay[:, pos] = NEG_INF
     init = torch.randn(batch, heads, n, p, generator=g) if with_state else None
     return q, k, v, log_decay, init
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "pytorch"])
+def form(request, monkeypatch):
+    """The form liquid_scan takes for key_dim > 1 in this test (key_dim 1 keeps its element-wise path)."""
+    if request.param == "cpu_kernel":
+        if not scan_cpu.chunked_available():
+            pytest.skip("the chunked CPU scan kernel is not available here (see the warning)")
+        assert scan_module._cpu_kernel(chunked=True) is scan_cpu.ChunkedScanCPU
+    else:
+        real = scan_module._cpu_kernel
+        monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None if chunked else real())
+    return request.param
 
 
 def run_with_grads(fn, q, k, v, log_decay, init, chunk_size, seed=1):

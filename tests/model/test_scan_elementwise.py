@@ -22,7 +22,7 @@ def form(request, monkeypatch):
             pytest.skip("the CPU scan kernel did not build here (see the warning)")
         assert scan_module._cpu_kernel() is scan_cpu.ElementwiseScanCPU
     else:
-        monkeypatch.setattr(scan_module, "_cpu_kernel", lambda: None)
+        monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None)
     return request.param
 
 
