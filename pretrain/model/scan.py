@@ -2,7 +2,8 @@
 
 `liquid_scan` is the parallel form used for training; `liquid_scan_reference` is the token-by-token
 ground truth it is tested against. Both share one signature. With matrix states (key_dim N > 1)
-liquid_scan is the chunked matmul form below. With N = 1 (one decay per head, a scalar state per value
+liquid_scan is the chunked matmul form below (on the CPU, the same algorithm as one C++ pass per direction,
+pretrain/model/scan_cpu.py, where it builds). With N = 1 (one decay per head, a scalar state per value
 channel: the element-wise liquid recurrence) it takes `_ElementwiseScan`, a first-order linear
 recurrence forward and its adjoint backward, O(T) work without the chunk form's [chunk x chunk] decay
 matrices, which cost chunk x channels per token there.
@@ -227,10 +228,20 @@ class _ElementwiseScan(torch.autograd.Function):
         return grad_q, grad_k, gh, grad_ld, grad_h0, None  # gh is grad_v now
 
 
+_CPU_KERNELS: dict[bool, object] = {}  # chunked -> the kernel or None, decided once per process
+
+
 def _cpu_kernel(chunked: bool = False):
     """The fused C++ form (pretrain/model/scan_cpu.py) of the element-wise recurrence, or with `chunked` of the
     chunked scan, when it is built here, else None. Exported models ship without that module: their copy of
-    this file takes the PyTorch form."""
+    this file takes the PyTorch form. Once decided, torch.compile reads the answer as a constant."""
+    if chunked not in _CPU_KERNELS:
+        _CPU_KERNELS[chunked] = _find_cpu_kernel(chunked)
+    return _CPU_KERNELS[chunked]
+
+
+@torch.compiler.disable  # files and ctypes: for torch.compile to step over (once), not to trace
+def _find_cpu_kernel(chunked: bool):
     try:
         scan_cpu = importlib.import_module("pretrain.model.scan_cpu")
     except ImportError:
@@ -273,6 +284,9 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
 
     recompute=True keeps only each group's inputs for backward and recomputes its chunk matrices there
     (about a third more compute; the memory left is the inputs, outputs and one group's temporaries).
+    On the CPU the chunked form is scan_cpu.ChunkedScanCPU where it builds: it always keeps just the inputs
+    and the state entering each chunk (N P / chunk floats per token and head) and recomputes each chunk's
+    scores in backward, so `recompute` changes nothing there.
     """
     if q.is_cuda:
         scan_triton = _triton_scan()
@@ -285,10 +299,6 @@ def liquid_scan(q, k, v, log_decay, *, initial_state=None, chunk_size=DEFAULT_CH
             return _liquid_scan_elementwise(q, k, v, log_decay, initial_state=initial_state, recompute=recompute)
         return _liquid_scan_chunked(q, k, v, log_decay, initial_state=initial_state, chunk_size=chunk_size,
                                     recompute=recompute)
-
-
-def _rows_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, recompute: bool):
@@ -304,8 +314,7 @@ def _liquid_scan_chunked(q, k, v, log_decay, *, initial_state, chunk_size: int, 
     chunk = min(chunk_size, seq)
     kernel = _cpu_kernel(chunked=True) if q.device.type == "cpu" and batch * heads > 0 else None
     if kernel is not None:  # one C++ pass per direction, any length (no padding), views read in place
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        y, state = kernel.apply(*(_rows_contiguous(x.float()) for x in (q, k, v)), log_decay.float(), h0, chunk)
+        y, state = kernel.apply(q, k, v, log_decay, initial_state, chunk)
         return y.to(out_dtype), state
     num_chunks = -(-seq // chunk)
     pad = num_chunks * chunk - seq

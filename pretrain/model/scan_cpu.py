@@ -1,20 +1,30 @@
-"""The element-wise liquid recurrence (key_dim 1) on the CPU as one fused C++ loop per direction.
+"""The liquid scan on the CPU as C++ kernels: the element-wise recurrence (key_dim 1) as one fused loop per
+direction, and the chunked scan (key_dim > 1) as one pass per direction over chunks, its matmuls done by the
+sgemm torch links.
 
-S_t = a_t S_{t-1} + k_t v_t per channel, y_t = q_t S_t (see pretrain/model/scan.py, `_ElementwiseScan`, the
-PyTorch form of the same recurrence, which stays the fallback and the form on other devices).
-
-Why a kernel: the PyTorch form is a few dozen whole-tensor element-wise ops, each reading and writing
+Element-wise: S_t = a_t S_{t-1} + k_t v_t per channel, y_t = q_t S_t (see pretrain/model/scan.py,
+`_ElementwiseScan`, the PyTorch form of the same recurrence, which stays the fallback and the form on other
+devices). The PyTorch form is a few dozen whole-tensor element-wise ops, each reading and writing
 [B, T, H, P] from memory, about 30 passes per forward + backward at P = 1; this loop reads each input once
 and writes each output once (forward: q, k, a, v in, y and the states out; backward: those, the states and
 dy in, the four gradients out), with the running state of a block of channels in cache.
 
+Chunked (`ChunkedScanCPU`): the algorithm of scan.py's `_chunk_group` (intra-chunk masked scores, the carried
+state's term, the state update), per (batch, head) chunk by chunk, with a custom backward. The PyTorch form
+runs each step as a batched op over [B, H, chunks, C, C] temporaries that leave the cache between ops; here
+a chunk's tiles (q, k, v, the C x C scores and the N x P state) stay in L1/L2 from one matmul to the next, the
+decay masks and the log-decay gradient are fused around them, and only the inputs, the outputs and the state
+entering each chunk cross memory. The matmuls call the `sgemm_` that torch's x86 wheels export (MKL,
+single-threaded inside the kernel's own threads); where none is found (`chunked_available()` says why)
+liquid_scan keeps the PyTorch form.
+
 Work split: contiguous ranges of (batch, head) pairs over torch.get_num_threads() threads of the OpenMP team
-(torch's own libgomp, already loaded), each channel computed by one thread in time order, so the result does
-not depend on the thread count.
-Plain C++ with no torch headers, compiled once per machine with the system's C++ compiler (about a second)
+(torch's own libgomp, already loaded), each channel (each pair's chunks) computed by one thread in time order,
+so the result does not depend on the thread count.
+Plain C++ with no torch headers, compiled once per machine with the system's C++ compiler (a few seconds)
 into LIQUID_CACHE/kernels (default ~/.cache/liquid-pretrain/kernels) and loaded with ctypes; where that
-fails (no compiler), `available()` says why and liquid_scan keeps the PyTorch form.
-LIQUID_SCAN_CPU_KERNEL=0 turns it off.
+fails (no compiler), `available()` says why and liquid_scan keeps the PyTorch forms.
+LIQUID_SCAN_CPU_KERNEL=0 turns both off.
 """
 from __future__ import annotations
 
@@ -566,8 +576,7 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(why: str) -> None:
-    warnings.warn(f"the element-wise liquid scan takes its PyTorch form on the CPU: {why}", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(f"the liquid scan takes its PyTorch form on the CPU: {why}", RuntimeWarning, stacklevel=3)
 
 
 def _ptr(x: torch.Tensor | None):
@@ -660,54 +669,107 @@ def _strides(x: torch.Tensor):
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as fp32 with its last dimension contiguous (the kernel reads the other strides as they are)."""
     x = x.float()
-    return x if x.dim() == 3 or x.stride(-1) == 1 else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class ChunkedScanCPU(torch.autograd.Function):
+def _chunk_shapes(q, v, chunk):
+    batch, seq, heads, n = q.shape
+    return batch, seq, heads, n, v.shape[-1], -(-seq // chunk)
+
+
+@torch.library.custom_op("liquid::chunked_scan", mutates_args=())
+def chunked_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                 h0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """liquid_scan's chunked algorithm on the CPU (see ChunkedScanCPU): (y, final state, the state entering
+    each chunk [B, H, chunks, N, P], kept for the backward)."""
+    q, k, v, log_decay = (_rows(x) for x in (q, k, v, log_decay))
+    h0 = h0.float().contiguous() if h0 is not None else None
+    batch, seq, heads, n, p, chunks = _chunk_shapes(q, v, chunk)
+    y = v.new_empty(batch, seq, heads, p)
+    states = v.new_empty(batch, heads, chunks, n, p)
+    final = v.new_empty(batch, heads, n, p)
+    _library()[0].liquid_chunked_forward(_sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(h0), _ptr(y),
+                                         _ptr(states), _ptr(final), batch, seq, heads, n, p, chunk, _strides(q),
+                                         _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
+    return y, final, states
+
+
+@chunked_scan.register_fake
+def _(q, k, v, log_decay, h0, chunk):
+    batch, seq, heads, n, p, chunks = _chunk_shapes(q, v, chunk)
+    f32 = dict(dtype=torch.float32)
+    return (v.new_empty(batch, seq, heads, p, **f32), v.new_empty(batch, heads, n, p, **f32),
+            v.new_empty(batch, heads, chunks, n, p, **f32))
+
+
+@torch.library.custom_op("liquid::chunked_scan_backward", mutates_args=())
+def chunked_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                          states: torch.Tensor, gy: torch.Tensor, g_final: torch.Tensor, with_h0: bool,
+                          chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunked_scan's gradients (q, k, v, log_decay, h0; the last [0] unless with_h0), given those of y and of
+    the final state."""
+    q, k, v, log_decay = (_rows(x) for x in (q, k, v, log_decay))
+    gy, g_final, states = gy.float().contiguous(), g_final.float().contiguous(), states.contiguous()
+    batch, seq, heads, n, p, _ = _chunk_shapes(q, v, chunk)
+    grad_q, grad_k = q.new_empty(batch, seq, heads, n), q.new_empty(batch, seq, heads, n)
+    grad_v, grad_ld = v.new_empty(batch, seq, heads, p), v.new_empty(batch, seq, heads)
+    grad_h0 = v.new_empty(batch, heads, n, p) if with_h0 else v.new_empty(0)
+    _library()[0].liquid_chunked_backward(
+        _sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(states), _ptr(gy), _ptr(g_final),
+        _ptr(grad_q), _ptr(grad_k), _ptr(grad_v), _ptr(grad_ld), _ptr(grad_h0) if with_h0 else None, batch, seq,
+        heads, n, p, chunk, _strides(q), _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
+    return grad_q, grad_k, grad_v, grad_ld, grad_h0
+
+
+@chunked_scan_backward.register_fake
+def _(q, k, v, log_decay, states, gy, g_final, with_h0, chunk):
+    batch, seq, heads, n, p, _ = _chunk_shapes(q, v, chunk)
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(batch, seq, heads, n, **f32), q.new_empty(batch, seq, heads, n, **f32),
+            v.new_empty(batch, seq, heads, p, **f32), v.new_empty(batch, seq, heads, **f32),
+            v.new_empty(batch, heads, n, p, **f32) if with_h0 else v.new_empty(0, **f32))
+
+
+def _chunked_scan_setup(ctx, inputs, output):
+    q, k, v, log_decay, h0, chunk = inputs
+    ctx.chunk, ctx.with_h0 = chunk, h0 is not None
+    ctx.save_for_backward(q, k, v, log_decay, output[2])
+
+
+def _chunked_scan_grad(ctx, gy, g_final, _g_states):
+    q, k, v, log_decay, states = ctx.saved_tensors
+    batch, seq, heads, n, p, _ = _chunk_shapes(q, v, ctx.chunk)
+    gy = gy if gy is not None else v.new_zeros(batch, seq, heads, p, dtype=torch.float32)
+    g_final = g_final if g_final is not None else v.new_zeros(batch, heads, n, p, dtype=torch.float32)
+    grad_q, grad_k, grad_v, grad_ld, grad_h0 = chunked_scan_backward(q, k, v, log_decay, states, gy, g_final,
+                                                                     ctx.with_h0, ctx.chunk)
+    return grad_q, grad_k, grad_v, grad_ld, grad_h0 if ctx.with_h0 else None, None
+
+
+chunked_scan.register_autograd(_chunked_scan_grad, setup_context=_chunked_scan_setup)
+
+
+class ChunkedScanCPU:
     """liquid_scan's chunked algorithm as one C++ pass per direction over each (batch, head): per chunk of C
     tokens the four matmuls (q k^T, its masked product with v, the carried state's term and the state update)
     through torch's sgemm on cache-resident tiles, the decay masks and state passing fused around them.
+    As custom ops (liquid::chunked_scan and its backward, each with a shape function), so torch.compile keeps
+    a block that calls it in one graph.
 
-    Inputs: q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H] (fp32 with the last dimension contiguous;
-    other strides are read as they are, so views of a projection's output need no copy; -inf is a reset),
-    h0 [B, H, N, P] or None, chunk size C. Returns y [B, T, H, P] and the final state [B, H, N, P].
-    Keeps for backward the inputs and the state entering each chunk ([B, H, chunks, N, P], N P / C floats per
-    token and head), and recomputes the chunk's masked scores there (one extra c x c x N matmul per chunk)."""
+    Inputs: q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H] (cast to fp32; strides are read as they
+    are where the last dimension is contiguous, so views of a projection's output need no copy; -inf is a
+    reset), h0 [B, H, N, P] or None, chunk size C. Returns y [B, T, H, P] and the final state [B, H, N, P],
+    fp32. Keeps for backward the inputs and the state entering each chunk ([B, H, chunks, N, P], N P / C
+    floats per token and head), and recomputes each chunk's masked scores there (one extra C x C x N matmul
+    per chunk)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, h0, chunk: int):
-        batch, seq, heads, n = q.shape
-        p = v.shape[-1]
-        chunks = -(-seq // chunk)
-        y = v.new_empty(batch, seq, heads, p)
-        states = v.new_empty(batch, heads, chunks, n, p)
-        final = v.new_empty(batch, heads, n, p)
-        lib = _library()[0]
-        lib.liquid_chunked_forward(_sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(h0), _ptr(y),
-                                   _ptr(states), _ptr(final), batch, seq, heads, n, p, chunk, _strides(q),
-                                   _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
-        ctx.chunk = chunk
-        ctx.save_for_backward(q, k, v, log_decay, states, h0)
+    def apply(q, k, v, log_decay, h0, chunk: int):
+        y, final, _ = chunked_scan(q, k, v, log_decay, h0, chunk)
         return y, final
-
-    @staticmethod
-    def backward(ctx, gy, g_final):
-        q, k, v, log_decay, states, h0 = ctx.saved_tensors
-        batch, seq, heads, n = q.shape
-        p = v.shape[-1]
-        gy = gy.contiguous() if gy is not None else v.new_zeros(batch, seq, heads, p)
-        g_final = g_final.contiguous() if g_final is not None else None
-        grad_q, grad_k = q.new_empty(batch, seq, heads, n), q.new_empty(batch, seq, heads, n)
-        grad_v, grad_ld = v.new_empty(batch, seq, heads, p), v.new_empty(batch, seq, heads)
-        want_h0 = h0 is not None and ctx.needs_input_grad[4]
-        grad_h0 = torch.empty_like(h0) if want_h0 else None
-        _library()[0].liquid_chunked_backward(
-            _sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(states), _ptr(gy), _ptr(g_final),
-            _ptr(grad_q), _ptr(grad_k), _ptr(grad_v), _ptr(grad_ld), _ptr(grad_h0), batch, seq, heads, n, p,
-            ctx.chunk, _strides(q), _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
-        return grad_q, grad_k, grad_v, grad_ld, grad_h0, None
 
 
 __all__ = ["ChunkedScanCPU", "ElementwiseScanCPU", "available", "chunked_available"]

@@ -310,3 +310,100 @@ def test_recompute_matches_plain_chunked_scan_outputs_and_grads():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     finally:
         scan_mod.GROUP_TOKENS = old
+
+
+def _kernel_only(form):
+    if form != "cpu_kernel":
+        pytest.skip("a property of the CPU kernel")
+
+
+def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_form(form, monkeypatch):
+    """The kernel splits (batch, head) pairs over torch's threads, each pair's chunks in order in one thread
+    (heads in groups of scan_cpu's HEAD_GROUP): the same bits at 1 and 3 threads, and the PyTorch form's
+    values and gradients to fp32 rounding. 2 x 11 heads: a group of 8 and one of 3 at one thread, uneven
+    ranges across a batch boundary at three; 93 tokens: a short last chunk; resets and an initial state."""
+    _kernel_only(form)
+    inputs = make_inputs(2, 93, 11, 6, 5, reset_prob=0.03, with_state=True, resets=(0, 40))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(liquid_scan, *inputs, 16)
+        torch.set_num_threads(3)
+        three = run_with_grads(liquid_scan, *inputs, 16)
+    finally:
+        torch.set_num_threads(threads)
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(three)))
+    monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None)
+    for a, b in zip(flat(one), flat(run_with_grads(liquid_scan, *inputs, 16))):
+        assert_close(a, b)
+
+
+def test_cpu_kernel_reads_views_of_a_projection_in_place(form):
+    """q, k, v and log_decay as strided views of one projection's output (as a mixer slices them) give the
+    same bits as contiguous copies, and their gradients reach the projection."""
+    _kernel_only(form)
+    g = torch.Generator().manual_seed(5)
+    batch, seq, heads, n, p = 2, 70, 3, 4, 6
+    proj = torch.randn(batch, seq, heads, 2 * n + p + 2, generator=g).requires_grad_()
+    q, k, v = proj[..., :n], proj[..., n:2 * n], proj[..., 2 * n:2 * n + p]
+    ld = (-torch.nn.functional.softplus(proj[..., -2:]))[..., 0]  # a decay gate of stride 2
+    assert not q.is_contiguous() and not ld.is_contiguous()
+    y, s = liquid_scan(q, k, v, ld, chunk_size=16)
+    (y.square().sum() + s.sum()).backward()
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v, ld)]
+    y2, s2 = liquid_scan(*copies, chunk_size=16)
+    (y2.square().sum() + s2.sum()).backward()
+    assert torch.equal(y, y2) and torch.equal(s, s2)
+    assert torch.equal(proj.grad[..., :n], copies[0].grad) and torch.equal(proj.grad[..., n:2 * n], copies[1].grad)
+    assert torch.equal(proj.grad[..., 2 * n:2 * n + p], copies[2].grad)
+
+
+def test_without_torch_sgemm_the_pytorch_form_runs_with_one_warning(form, monkeypatch):
+    """Where torch exports no usable sgemm (another BLAS, another platform) the chunked kernel is not used:
+    one warning says why and liquid_scan takes the PyTorch form, still equal to the reference."""
+    _kernel_only(form)
+    monkeypatch.setattr(scan_cpu, "_sgemm", lambda: (None, "torch's CPU library exports no sgemm_ (test)"))
+    monkeypatch.setattr(scan_module, "_CPU_KERNELS", {})  # decided again, in this test only
+    with pytest.warns(RuntimeWarning, match="exports no sgemm_"):
+        assert scan_module._cpu_kernel(chunked=True) is None
+    check_against_reference(*make_inputs(1, 40, 2, 3, 4, reset_prob=0.05, with_state=True), 16)
+
+
+def test_cpu_kernel_ops_pass_opcheck(form):
+    """The kernel's custom ops (liquid::chunked_scan and its backward): schema, shape functions under fake
+    tensors, autograd registration (torch.library.opcheck), with and without an initial state."""
+    _kernel_only(form)
+    for with_state in (False, True):
+        q, k, v, ld, init = make_inputs(1, 37, 2, 3, 4, reset_prob=0.05, with_state=with_state)
+        leaves = [t.requires_grad_() for t in (q, k, v, ld)]
+        torch.library.opcheck(scan_cpu.chunked_scan, (*leaves, init, 16))
+        with torch.no_grad():
+            y, final, states = scan_cpu.chunked_scan(q, k, v, ld, init, 16)
+        # (no double backward: the backward op's own inputs do not require gradients)
+        torch.library.opcheck(scan_cpu.chunked_scan_backward,
+                              (*(t.detach() for t in leaves), states, torch.randn_like(y), torch.randn_like(final),
+                               with_state, 16))
+
+
+def test_cpu_kernel_compiles_in_one_graph_like_eager(form):
+    """torch.compile traces liquid_scan with the kernel as one op (no graph break) and gives eager's values
+    and gradients to fp32 rounding."""
+    _kernel_only(form)
+
+    def loss(q, k, v, ld):
+        y, s = liquid_scan(q * 2, k, v, ld, chunk_size=16)
+        return (y * 3).sum() + s.sum()
+
+    q, k, v, ld, _ = make_inputs(1, 50, 2, 4, 8, reset_prob=0.05)
+    q.requires_grad_()
+    eager = loss(q, k, v, ld)
+    (g_eager,) = torch.autograd.grad(eager, q)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(q, k, v, ld)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(loss)(q, k, v, ld)
+    (g_compiled,) = torch.autograd.grad(compiled, q)
+    # (inductor sums the loss in another order: equal to fp32 rounding)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6, atol=1e-6)
