@@ -196,11 +196,10 @@ struct Gemm {
   }
 };
 
-// exp(x) for x <= 0 (0 below -87.3), a Cephes-style polynomial (about 1 ulp) that vectorises.
-static inline float exp_nonpos(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float kf = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - kf * 0.693359375f + kf * 2.12194440e-4f;
+// exp(x) for -87.3 <= x <= 88, a Cephes-style polynomial (about 1 ulp) that vectorises.
+static inline float exp_core(float x) {
+  const float kf = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -208,8 +207,13 @@ static inline float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  const float scale = __builtin_bit_cast(float, ((int32_t)kf + 127) << 23);  // 2^kf (a union would not vectorise)
-  return x < -87.3f ? 0.0f : e * scale;
+  return e * __builtin_bit_cast(float, ((int32_t)kf + 127) << 23);  // times 2^kf (a union would not vectorise)
+}
+
+// exp(x) for x <= 0 (0 below -87.3).
+static inline float exp_nonpos(float x) {
+  const float e = exp_core(x < -87.3f ? -87.3f : x);
+  return x < -87.3f ? 0.0f : e;
 }
 
 // One chunk's decay structure, from log_decay (-inf = reset) at stride `ls`: cum (inclusive log-decay sum
@@ -236,14 +240,32 @@ static float chunk_decays(const float* ld, int64_t ls, int64_t len, float* cum, 
   return e[len - 1];
 }
 
+// Chunks whose log-decay falls by at most this much take D[t, s] = exp(cum_t) exp(-cum_s): 2 C exps instead
+// of C^2 / 2, with neither factor leaving fp32's normal range (e^80 < 2^116).
+constexpr float FACTORED_DECAY = 80.0f;
+
 // D[t, s] = exp(cum_t - cum_s) for s <= t in one segment, else 0 (rows of stride C, columns up to len); with
-// M != null also M *= D in place (M = q k^T becomes the masked, decayed scores).
-void decay_mask(const float* cum, const float* seg, int64_t len, int64_t C, float* D, float* M) {
-  for (int64_t t = 0; t < len; ++t) {
-    const float ct = cum[t], st = seg[t];
-    float* Dt = D + t * C;
+// M != null also M *= D in place (M = q k^T becomes the masked, decayed scores). `work`: 2 C floats.
+void decay_mask(const float* cum, const float* seg, int64_t len, int64_t C, float* D, float* M, float* work) {
+  const bool factored = cum[len - 1] >= -FACTORED_DECAY;  // cum falls from cum[0] <= 0 to cum[len - 1]
+  float *up = work, *down = work + C;
+  if (factored) {
 #pragma omp simd
-    for (int64_t s = 0; s <= t; ++s) Dt[s] = seg[s] == st ? exp_nonpos(ct - cum[s]) : 0.0f;
+    for (int64_t s = 0; s < len; ++s) {
+      up[s] = exp_core(cum[s]);
+      down[s] = exp_core(-cum[s]);
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const float ct = cum[t], st = seg[t], ut = up[t];
+    float* Dt = D + t * C;
+    if (factored) {
+#pragma omp simd
+      for (int64_t s = 0; s <= t; ++s) Dt[s] = seg[s] == st ? ut * down[s] : 0.0f;
+    } else {
+#pragma omp simd
+      for (int64_t s = 0; s <= t; ++s) Dt[s] = seg[s] == st ? exp_nonpos(ct - cum[s]) : 0.0f;
+    }
     for (int64_t s = t + 1; s < len; ++s) Dt[s] = 0.0f;
     if (M) {
       float* Mt = M + t * C;
@@ -390,7 +412,7 @@ void liquid_chunked_forward(sgemm_t sgemm, const float* q, const float* k, const
   over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), Ya(G * C * P), KT(N * C),
-        Xs(C * N), S(G * NP), cum(C), seg(C), e(C), f(C);
+        Xs(C * N), S(G * NP), cum(C), seg(C), e(C), f(C), work(2 * C);
     std::unique_ptr<bool[]> reset(new bool[C]);
     // Chunk-major over a group of heads: one chunk of every head in the group, then the next chunk.
     for (int64_t g0 = h_lo; g0 < h_hi; g0 += G) {
@@ -412,7 +434,7 @@ void liquid_chunked_forward(sgemm_t sgemm, const float* q, const float* k, const
           store_stream(Sh, NP, states + ((b * H + h) * chunks + i) * NP);
           transpose(Kc, N, len, N, KT.data(), C);
           gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // q k^T
-          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data());
+          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data(), work.data());
           gemm('N', 'N', len, P, len, 1.0f, A.data(), C, Vc, P, 0.0f, Yc, P);  // intra-chunk
           if (e[0] != 0.0f) {  // the carried state, decayed to each t: (q * e) S
             scale_rows(Qc, N, e.data(), len, N, Xs.data());
@@ -444,7 +466,7 @@ void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, cons
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), dA(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), dYa(G * C * P),
         dQa(G * C * N), dKa(G * C * N), dVa(G * C * P), KT(N * C), VT(P * C), Xs(C * N), ST(NP), dS_all(G * NP),
-        cum(C), seg(C), e(C), f(C), dcum(C);
+        cum(C), seg(C), e(C), f(C), dcum(C), work(2 * C);
     std::unique_ptr<bool[]> reset(new bool[C]);
     for (int64_t g0 = h_lo; g0 < h_hi; g0 += G) {
       const int64_t nh = std::min(G, h_hi - g0);
@@ -468,7 +490,7 @@ void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, cons
                                            e.data(), f.data(), reset.get());
           transpose(Kc, N, len, N, KT.data(), C);
           gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // A = (q k^T) * D
-          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data());
+          decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data(), work.data());
           transpose(Vc, P, len, P, VT.data(), C);
           gemm('N', 'N', len, len, P, 1.0f, dY, P, VT.data(), C, 0.0f, dA.data(), C);  // dA = dy v^T
           gemm('T', 'N', len, P, len, 1.0f, A.data(), C, dY, P, 0.0f, dV, P);  // dv = A^T dy
