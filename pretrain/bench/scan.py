@@ -8,6 +8,7 @@ import functools
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,8 +38,12 @@ SDPA_PROBE_SEQ = 1024  # the backends are compared on the first min(seq, SDPA_PR
 SEED = 0
 PAIRED_MIN_ROUNDS = 7  # alternating rounds of the element-wise cases' in-process pairing with Blelloch
 # Untimed runs before the timed ones: the first grows the process's heap (with host memory kept, the page
-# faults of a first run are not paid again), the second is the first in the steady state.
+# faults of a first run are not paid again), the second is the first in the steady state. On the CPU more
+# follow, up to SETTLE_MAX_RUNS, while the last one still took page faults (SETTLE_FAULTS or more): at large
+# sizes the heap kept growing for up to four runs (each of them 1.3-4x slower than the steady state).
 WARMUP_RUNS = 2
+SETTLE_MAX_RUNS = 6
+SETTLE_FAULTS = 256  # minor page faults (4 KiB each) in a run: 1 MiB of freshly mapped memory
 _RESULT_PREFIX = "BENCH_RESULT "
 # A child still running after this many time budgets (and at least _HARD_TIMEOUT_MIN_S) is killed.
 _HARD_TIMEOUT_BUDGETS = 10.0
@@ -292,7 +297,8 @@ def _measure(spec: dict) -> dict:
         time_runs(_fwd_bwd(lambda *xs: loss_fn(*(x[:, :warm] for x in xs)), inputs), device, warmup=1, repeats=0)
         runs = time_runs(run, device, warmup=0, repeats=1)
     else:
-        runs = time_runs(run, device, warmup=WARMUP_RUNS, repeats=repeats)
+        extra["warmup_runs"] = _warm_up(run, device)
+        runs = time_runs(run, device, warmup=0, repeats=repeats)
     wall = time.perf_counter() - start
     if device.type == "cuda":
         peak_kib = torch.cuda.max_memory_allocated(device) / 1024
@@ -310,6 +316,19 @@ def _scan_loss(scan):
         return y.sum() + state.sum()
 
     return loss_fn
+
+
+def _warm_up(run, device) -> int:
+    """Untimed runs: WARMUP_RUNS, and on the CPU more (at most SETTLE_MAX_RUNS) while the last one took
+    SETTLE_FAULTS page faults or more (the heap was still growing); returns how many ran."""
+    done = 0
+    while True:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run()
+        done += 1
+        settled = device.type != "cpu" or resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < SETTLE_FAULTS
+        if done >= WARMUP_RUNS and (settled or done >= WARMUP_RUNS + SETTLE_MAX_RUNS):
+            return done
 
 
 def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
@@ -426,7 +445,8 @@ def bench_scan(
     """Measures every case at every seq (ascending) and returns one dict per (case, seq).
 
     A measured dict has case, seq, tokens_per_s (batch*seq / median seconds), seconds (median forward+backward
-    time of the timed runs after WARMUP_RUNS warm-ups), peak_mem_mib, runs, wall_s (warm-up plus timed runs), flops
+    time of the timed runs after the warm-ups: see _warm_up; warmup_runs says how many), peak_mem_mib, runs, wall_s
+    (warm-up plus timed runs), flops
     (forward+backward FLOPs per run by the case's formula, flops_formula: see chunked_scan_flops,
     recurrence_flops, causal_attention_flops), flops_per_s (flops / seconds) and, when matmul is among the
     cases (it is always measured first), flops_fraction_of_matmul; a skipped one has case, seq and skipped
@@ -533,8 +553,8 @@ def bench_scan(
                     d.update(flops=counted[0], flops_formula=counted[1], flops_per_s=round(counted[0] / seconds, 1))
                     if matmul_flops_per_s:
                         d["flops_fraction_of_matmul"] = round(counted[0] / seconds / matmul_flops_per_s, 4)
-                for key in ("sdpa_backend", "sdpa_default_backend", "sdpa_kernel_ops", "sdpa_probe_seq",
-                            "sdpa_probe_s", "sdpa_peak_reset_after_probe", "paired"):
+                for key in ("warmup_runs", "sdpa_backend", "sdpa_default_backend", "sdpa_kernel_ops",
+                            "sdpa_probe_seq", "sdpa_probe_s", "sdpa_peak_reset_after_probe", "paired"):
                     if key in got:
                         d[key] = got[key]
                 last = (seq, seconds, max(peak_bytes, 0.0))

@@ -182,6 +182,7 @@ void liquid_elementwise_backward(const float* q, const float* k, const float* a,
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                         const int*, const float*, const int*, const float*, float*, const int*);
+typedef int (*threads_local_t)(int);  // MKL_Set_Num_Threads_Local: this thread's BLAS threads (0: the global)
 
 namespace {
 
@@ -339,6 +340,15 @@ static void transpose(const float* X, int64_t lx, int64_t rows, int64_t cols, fl
 
 struct Strides { int64_t b, t, h; };
 
+// One BLAS thread per kernel thread while f runs: after torch.set_num_threads, MKL would otherwise start its
+// own team inside each of ours (nested, twice the cores' worth of threads: measured 1.3-2x slower).
+template <class F>
+void blas_single_threaded(threads_local_t threads_local, F f) {
+  const int before = threads_local ? threads_local(1) : 0;
+  f();
+  if (threads_local) threads_local(before);
+}
+
 // Heads whose chunk tiles one thread packs at a time (their inputs, outputs and states stay in its L2).
 constexpr int64_t HEAD_GROUP = 8;
 
@@ -402,14 +412,14 @@ extern "C" {
 // q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H], each at the given (batch, seq, head) strides with
 // its last dimension contiguous; h0 [B, H, N, P] contiguous or null. Out (contiguous): y [B, T, H, P], states
 // [B, H, chunks, N, P] (the state entering each chunk, for backward), final_state [B, H, N, P].
-void liquid_chunked_forward(sgemm_t sgemm, const float* q, const float* k, const float* v, const float* ld,
+void liquid_chunked_forward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k, const float* v, const float* ld,
                             const float* h0, float* y, float* states, float* final_state, int64_t B, int64_t T,
                             int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
                             const int64_t* sv, const int64_t* sl, int64_t threads) {
   const Gemm gemm{sgemm};
   const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
   const int64_t chunks = (T + C - 1) / C, NP = N * P;
-  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
+  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) { blas_single_threaded(threads_local, [&] {
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), Ya(G * C * P), KT(N * C),
         Xs(C * N), S(G * NP), cum(C), seg(C), e(C), f(C), work(2 * C);
@@ -448,13 +458,13 @@ void liquid_chunked_forward(sgemm_t sgemm, const float* q, const float* k, const
       std::copy(S.begin(), S.begin() + nh * NP, final_state + (b * H + g0) * NP);
     }
     fence_stores();
-  });
+  }); });
 }
 
 // Gradients, given gy [B, T, H, P] and g_final [B, H, N, P] (contiguous; g_final may be null) and the states
 // saved by the forward. Out (contiguous): grad_q, grad_k [B, T, H, N], grad_v [B, T, H, P], grad_ld [B, T, H]
 // (0 at resets) and grad_h0 [B, H, N, P] (may be null).
-void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, const float* v, const float* ld,
+void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k, const float* v, const float* ld,
                              const float* states, const float* gy, const float* g_final, float* grad_q,
                              float* grad_k, float* grad_v, float* grad_ld, float* grad_h0, int64_t B, int64_t T,
                              int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
@@ -462,7 +472,7 @@ void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, cons
   const Gemm gemm{sgemm};
   const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
   const int64_t chunks = (T + C - 1) / C, NP = N * P;
-  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
+  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) { blas_single_threaded(threads_local, [&] {
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), dA(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), dYa(G * C * P),
         dQa(G * C * N), dKa(G * C * N), dVa(G * C * P), KT(N * C), VT(P * C), Xs(C * N), ST(NP), dS_all(G * NP),
@@ -531,7 +541,7 @@ void liquid_chunked_backward(sgemm_t sgemm, const float* q, const float* k, cons
       if (grad_h0) std::copy(dS_all.begin(), dS_all.begin() + nh * NP, grad_h0 + (b * H + g0) * NP);
     }
     fence_stores();
-  });
+  }); });
 }
 
 }  // extern "C"
@@ -583,8 +593,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.liquid_elementwise_forward.argtypes = [ptr] * 8 + [i64] * 5
     lib.liquid_elementwise_backward.argtypes = [ptr] * 13 + [i64] * 5
-    lib.liquid_chunked_forward.argtypes = [ptr] * 9 + [i64] * 6 + [ptr] * 4 + [i64]
-    lib.liquid_chunked_backward.argtypes = [ptr] * 13 + [i64] * 6 + [ptr] * 4 + [i64]
+    lib.liquid_chunked_forward.argtypes = [ptr] * 10 + [i64] * 6 + [ptr] * 4 + [i64]
+    lib.liquid_chunked_backward.argtypes = [ptr] * 14 + [i64] * 6 + [ptr] * 4 + [i64]
     return lib, ""
 
 
@@ -646,20 +656,26 @@ class ElementwiseScanCPU(torch.autograd.Function):
 
 
 @functools.cache
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    """torch's own CPU library (already loaded by `import torch`), or None where it is not found."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.exists():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                continue
+    return None
+
+
+@functools.cache
 def _sgemm() -> tuple[int | None, str]:
     """(address of the sgemm that torch links, "") or (None, why not). torch's x86 wheels link MKL statically
     and export its Fortran-style `sgemm_`; the address is checked once on a small product against torch."""
-    lib_dir = Path(torch.__file__).parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        if (lib_dir / name).exists():
-            try:
-                fn = ctypes.CDLL(str(lib_dir / name)).sgemm_
-            except (OSError, AttributeError):
-                continue
-            break
-    else:
-        return None, f"torch's CPU library in {lib_dir} exports no sgemm_"
-    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    lib = _torch_cpu_library()
+    if lib is None or not hasattr(lib, "sgemm_"):
+        return None, f"torch's CPU library in {Path(torch.__file__).parent / 'lib'} exports no sgemm_"
+    addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
     i32p, f32p = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float)
     call = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, i32p, i32p, i32p, f32p, ctypes.c_void_p, i32p,
                             ctypes.c_void_p, i32p, f32p, ctypes.c_void_p, i32p)(addr)
@@ -674,6 +690,14 @@ def _sgemm() -> tuple[int | None, str]:
     if not torch.equal(c, a @ b):
         return None, "torch's sgemm_ did not compute a test product correctly (not a 32-bit-integer BLAS?)"
     return addr, ""
+
+
+@functools.cache
+def _blas() -> tuple[int, int | None]:
+    """(sgemm_'s address, MKL_Set_Num_Threads_Local's or None where the BLAS is not MKL)."""
+    lib = _torch_cpu_library()
+    local = getattr(lib, "MKL_Set_Num_Threads_Local", None) if lib is not None else None
+    return _sgemm()[0], ctypes.cast(local, ctypes.c_void_p).value if local is not None else None
 
 
 def chunked_available() -> bool:
@@ -713,7 +737,7 @@ def chunked_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: t
     y = v.new_empty(batch, seq, heads, p)
     states = v.new_empty(batch, heads, chunks, n, p)
     final = v.new_empty(batch, heads, n, p)
-    _library()[0].liquid_chunked_forward(_sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(h0), _ptr(y),
+    _library()[0].liquid_chunked_forward(*_blas(), _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(h0), _ptr(y),
                                          _ptr(states), _ptr(final), batch, seq, heads, n, p, chunk, _strides(q),
                                          _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
     return y, final, states
@@ -740,7 +764,7 @@ def chunked_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     grad_v, grad_ld = v.new_empty(batch, seq, heads, p), v.new_empty(batch, seq, heads)
     grad_h0 = v.new_empty(batch, heads, n, p) if with_h0 else v.new_empty(0)
     _library()[0].liquid_chunked_backward(
-        _sgemm()[0], _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(states), _ptr(gy), _ptr(g_final),
+        *_blas(), _ptr(q), _ptr(k), _ptr(v), _ptr(log_decay), _ptr(states), _ptr(gy), _ptr(g_final),
         _ptr(grad_q), _ptr(grad_k), _ptr(grad_v), _ptr(grad_ld), _ptr(grad_h0) if with_h0 else None, batch, seq,
         heads, n, p, chunk, _strides(q), _strides(k), _strides(v), _strides(log_decay), torch.get_num_threads())
     return grad_q, grad_k, grad_v, grad_ld, grad_h0
