@@ -625,34 +625,85 @@ def _forward_kernel(q, k, a, v, h0, *, keep_states: bool):
     return y, states, final
 
 
-class ElementwiseScanCPU(torch.autograd.Function):
-    """Inputs: q, k [B, T, H], v [B, T, H, P], log_decay [B, T, H] (fp32, contiguous; -inf is a reset),
-    h0 [B, H, P] or None, recompute (keep only the inputs for backward, run the forward again there).
-    Returns y [B, T, H, P] and the final state [B, H, P]."""
+@torch.library.custom_op("liquid::elementwise_scan", mutates_args=())
+def elementwise_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                     h0: torch.Tensor | None, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The element-wise recurrence on the CPU (see ElementwiseScanCPU): (y, final state, the states [B, T, H, P]
+    for the backward, or an empty tensor without keep_states)."""
+    q, k, v, log_decay = (x.float().contiguous() for x in (q, k, v, log_decay))
+    h0 = h0.float().contiguous() if h0 is not None else None
+    y, states, final = _forward_kernel(q, k, log_decay.exp(), v, h0, keep_states=keep_states)
+    return y, final, states if states is not None else v.new_empty(0)
+
+
+@elementwise_scan.register_fake
+def _(q, k, v, log_decay, h0, keep_states):
+    batch, seq, heads, p = v.shape
+    f32 = dict(dtype=torch.float32)
+    return (v.new_empty(batch, seq, heads, p, **f32), v.new_empty(batch, heads, p, **f32),
+            v.new_empty(batch, seq, heads, p, **f32) if keep_states else v.new_empty(0, **f32))
+
+
+@torch.library.custom_op("liquid::elementwise_scan_backward", mutates_args=())
+def elementwise_scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                              h0: torch.Tensor | None, states: torch.Tensor, gy: torch.Tensor, g_final: torch.Tensor,
+                              want_h0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """elementwise_scan's gradients (q, k, v, log_decay, h0: the last [0] unless want_h0) given those of y and of
+    the final state; `states` empty: the forward runs again first (recompute)."""
+    q, k, v, log_decay = (x.float().contiguous() for x in (q, k, v, log_decay))
+    h0 = h0.float().contiguous() if h0 is not None else None
+    a = log_decay.exp()
+    if states.numel() == 0 and v.numel():
+        states = _forward_kernel(q, k, a, v, h0, keep_states=True)[1]
+    batch, seq, heads, p = v.shape
+    gy, g_final = gy.float().contiguous(), g_final.float().contiguous()
+    grad_q, grad_k, grad_a = (torch.empty_like(a) for _ in range(3))
+    grad_v = torch.empty_like(v)
+    grad_h0 = torch.empty_like(h0) if want_h0 and h0 is not None else v.new_empty(0)
+    _library()[0].liquid_elementwise_backward(
+        _ptr(q), _ptr(k), _ptr(a), _ptr(v), _ptr(h0), _ptr(states), _ptr(gy), _ptr(g_final), _ptr(grad_q),
+        _ptr(grad_k), _ptr(grad_a), _ptr(grad_v), _ptr(grad_h0) if grad_h0.numel() else None, batch, seq, heads, p,
+        torch.get_num_threads())
+    return grad_q, grad_k, grad_v, grad_a, grad_h0  # grad_a: of log_decay (the kernel applies a)
+
+
+@elementwise_scan_backward.register_fake
+def _(q, k, v, log_decay, h0, states, gy, g_final, want_h0):
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32), v.new_empty(v.shape, **f32),
+            log_decay.new_empty(log_decay.shape, **f32),
+            h0.new_empty(h0.shape, **f32) if want_h0 and h0 is not None else v.new_empty(0, **f32))
+
+
+def _elementwise_setup(ctx, inputs, output):
+    q, k, v, log_decay, h0, _ = inputs
+    ctx.with_h0 = h0 is not None
+    ctx.save_for_backward(q, k, v, log_decay, h0, output[2])
+
+
+def _elementwise_grad(ctx, gy, g_final, _g_states):
+    q, k, v, log_decay, h0, states = ctx.saved_tensors
+    gy = gy if gy is not None else torch.zeros_like(v, dtype=torch.float32)
+    g_final = g_final if g_final is not None else v.new_zeros(v.shape[0], v.shape[2], v.shape[3], dtype=torch.float32)
+    want_h0 = ctx.with_h0 and ctx.needs_input_grad[4]
+    grads = elementwise_scan_backward(q, k, v, log_decay, h0, states, gy, g_final, want_h0)
+    return *grads[:4], grads[4] if want_h0 else None, None
+
+
+elementwise_scan.register_autograd(_elementwise_grad, setup_context=_elementwise_setup)
+
+
+class ElementwiseScanCPU:
+    """Inputs: q, k [B, T, H], v [B, T, H, P], log_decay [B, T, H] (cast to fp32 and made contiguous; -inf is
+    a reset), h0 [B, H, P] or None, recompute (keep only the inputs for backward, run the forward again there).
+    Returns y [B, T, H, P] and the final state [B, H, P]. Custom ops (liquid::elementwise_scan and its
+    backward, with shape functions), so torch.compile keeps a block that calls it in one graph."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, h0, recompute: bool):
-        a = log_decay.exp()
-        y, states, final = _forward_kernel(q, k, a, v, h0, keep_states=not recompute)
-        ctx.save_for_backward(q, k, v, a, h0, states)
+    def apply(q, k, v, log_decay, h0, recompute: bool):
+        y, final, _ = elementwise_scan(q, k, v, log_decay, h0, not recompute)
         return y, final
-
-    @staticmethod
-    def backward(ctx, gy, g_final):
-        q, k, v, a, h0, states = ctx.saved_tensors
-        if states is None:
-            states = _forward_kernel(q, k, a, v, h0, keep_states=True)[1]
-        batch, seq, heads, p = v.shape
-        gy = gy.contiguous() if gy is not None else torch.zeros_like(v)
-        g_final = g_final.contiguous() if g_final is not None else None
-        grad_q, grad_k, grad_a = (torch.empty_like(a) for _ in range(3))
-        grad_v = torch.empty_like(v)
-        want_h0 = h0 is not None and ctx.needs_input_grad[4]
-        grad_h0 = torch.empty_like(h0) if want_h0 else None
-        _library()[0].liquid_elementwise_backward(
-            _ptr(q), _ptr(k), _ptr(a), _ptr(v), _ptr(h0), _ptr(states), _ptr(gy), _ptr(g_final), _ptr(grad_q),
-            _ptr(grad_k), _ptr(grad_a), _ptr(grad_v), _ptr(grad_h0), batch, seq, heads, p, torch.get_num_threads())
-        return grad_q, grad_k, grad_v, grad_a, grad_h0, None  # grad_a: of log_decay (the kernel applies a)
 
 
 @functools.cache
@@ -818,4 +869,5 @@ class ChunkedScanCPU:
         return y, final
 
 
-__all__ = ["ChunkedScanCPU", "ElementwiseScanCPU", "available", "chunked_available"]
+__all__ = ["ChunkedScanCPU", "ElementwiseScanCPU", "available", "chunked_available", "chunked_scan",
+           "elementwise_scan"]

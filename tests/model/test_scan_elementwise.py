@@ -129,3 +129,39 @@ def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_fo
     monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None)
     for a, b in zip(flat(one), flat(run_with_grads(liquid_scan, *inputs, 64))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_kernel_ops_pass_opcheck_and_compile_in_one_graph(form):
+    """The kernel's custom ops (liquid::elementwise_scan and its backward): schema, shape functions and
+    autograd registration (torch.library.opcheck), with and without kept states and an initial state; and
+    torch.compile traces liquid_scan at key_dim 1 as one graph with eager's values and gradients."""
+    if form != "cpu_kernel":
+        pytest.skip("a property of the kernel")
+    g = torch.Generator().manual_seed(3)
+    batch, seq, heads, p = 2, 30, 3, 4
+    q, k, ld = torch.randn(batch, seq, heads, generator=g), torch.randn(batch, seq, heads, generator=g), \
+        -torch.rand(batch, seq, heads, generator=g)
+    v, h0 = torch.randn(batch, seq, heads, p, generator=g), torch.randn(batch, heads, p, generator=g)
+    for keep, init in ((True, None), (False, h0)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, ld)]
+        torch.library.opcheck(scan_cpu.elementwise_scan, (*leaves, init, keep))
+        with torch.no_grad():
+            y, final, states = scan_cpu.elementwise_scan(q, k, v, ld, init, keep)
+        torch.library.opcheck(scan_cpu.elementwise_scan_backward,
+                              (q, k, v, ld, init, states, torch.randn_like(y), torch.randn_like(final),
+                               init is not None))
+
+    def loss(q4, k4, v, ld):
+        y, s = liquid_scan(q4 * 2, k4, v, ld)
+        return (y * 3).sum() + s.sum()
+
+    q4 = q[..., None].clone().requires_grad_()
+    eager = loss(q4, k[..., None], v, ld)
+    (g_eager,) = torch.autograd.grad(eager, q4)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(q4, k[..., None], v, ld)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(loss)(q4, k[..., None], v, ld)
+    (g_compiled,) = torch.autograd.grad(compiled, q4)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6, atol=1e-6)
