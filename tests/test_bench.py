@@ -199,17 +199,23 @@ def test_cli_dispatches_every_benchmark(name, capsys):
 def test_warm_up_runs_until_the_heap_stops_growing():
     """The untimed runs go on past WARMUP_RUNS while the last one still took page faults (fresh memory each
     of the first four runs here), up to a cap; on other devices the faults are not counted."""
+    import mmap
+
+    import numpy as np
     import torch
 
     held = []
 
+    def fresh_pages():  # 8 MiB mapped anonymously and written, one byte a page: faults whatever malloc holds
+        m = mmap.mmap(-1, 8 << 20)
+        np.frombuffer(m, dtype=np.uint8)[::4096] = 1
+        held.append(m)
+
     def grows_four_times():
         if len(held) < 4:
-            held.append(torch.ones(2 << 20))  # 8 MiB written: freshly mapped pages
+            fresh_pages()
 
     assert bench._warm_up(grows_four_times, torch.device("cpu")) == 5
     assert bench._warm_up(lambda: None, torch.device("cpu")) == bench.WARMUP_RUNS
-    held.clear()
-    always = lambda: held.append(torch.ones(2 << 20))  # noqa: E731
-    assert bench._warm_up(always, torch.device("cpu")) == bench.WARMUP_RUNS + bench.SETTLE_MAX_RUNS
-    assert bench._warm_up(always, torch.device("meta")) == bench.WARMUP_RUNS
+    assert bench._warm_up(fresh_pages, torch.device("cpu")) == bench.WARMUP_RUNS + bench.SETTLE_MAX_RUNS
+    assert bench._warm_up(fresh_pages, torch.device("meta")) == bench.WARMUP_RUNS
