@@ -338,15 +338,20 @@ static void transpose(const float* X, int64_t lx, int64_t rows, int64_t cols, fl
     for (int64_t j = i < r8 ? c8 : 0; j < cols; ++j) XT[j * lt + i] = X[i * lx + j];
 }
 
-struct Strides { int64_t b, t, h; };
+struct Strides {  // of a [B, T, H, ...] tensor's batch, seq and head dimensions
+  int64_t b, t, h;
+  explicit Strides(const int64_t* s) : b(s[0]), t(s[1]), h(s[2]) {}
+};
 
-// One BLAS thread per kernel thread while f runs: after torch.set_num_threads, MKL would otherwise start its
-// own team inside each of ours (nested, twice the cores' worth of threads: measured 1.3-2x slower).
+// over_heads with one BLAS thread per kernel thread while f runs: after torch.set_num_threads, MKL would
+// otherwise start its own team inside each of ours (nested, twice the cores' worth: measured 1.3-2x slower).
 template <class F>
-void blas_single_threaded(threads_local_t threads_local, F f) {
-  const int before = threads_local ? threads_local(1) : 0;
-  f();
-  if (threads_local) threads_local(before);
+void over_heads_blas1(int64_t B, int64_t H, int64_t threads, threads_local_t threads_local, F f) {
+  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
+    const int before = threads_local ? threads_local(1) : 0;
+    f(b, h_lo, h_hi);
+    if (threads_local) threads_local(before);
+  });
 }
 
 // Heads whose chunk tiles one thread packs at a time (their inputs, outputs and states stay in its L2).
@@ -379,7 +384,10 @@ static void fence_stores() {
 static void pack_heads(const float* X, int64_t lt, int64_t lh, int64_t len, int64_t nh, int64_t cols, int64_t C,
                        float* tiles) {
   for (int64_t t = 0; t < len; ++t)
-    for (int64_t j = 0; j < nh; ++j) std::copy(X + t * lt + j * lh, X + t * lt + j * lh + cols, tiles + (j * C + t) * cols);
+    for (int64_t j = 0; j < nh; ++j) {
+      const float* row = X + t * lt + j * lh;
+      std::copy(row, row + cols, tiles + (j * C + t) * cols);
+    }
 }
 static void unpack_heads(const float* tiles, int64_t len, int64_t nh, int64_t cols, int64_t C, float* X, int64_t lt,
                          int64_t lh) {
@@ -412,14 +420,15 @@ extern "C" {
 // q, k [B, T, H, N], v [B, T, H, P], log_decay [B, T, H], each at the given (batch, seq, head) strides with
 // its last dimension contiguous; h0 [B, H, N, P] contiguous or null. Out (contiguous): y [B, T, H, P], states
 // [B, H, chunks, N, P] (the state entering each chunk, for backward), final_state [B, H, N, P].
-void liquid_chunked_forward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k, const float* v, const float* ld,
-                            const float* h0, float* y, float* states, float* final_state, int64_t B, int64_t T,
-                            int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
-                            const int64_t* sv, const int64_t* sl, int64_t threads) {
+void liquid_chunked_forward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k,
+                            const float* v, const float* ld, const float* h0, float* y, float* states,
+                            float* final_state, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P, int64_t C,
+                            const int64_t* sq, const int64_t* sk, const int64_t* sv, const int64_t* sl,
+                            int64_t threads) {
   const Gemm gemm{sgemm};
-  const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
+  const Strides Sq(sq), Sk(sk), Sv(sv), Sl(sl);
   const int64_t chunks = (T + C - 1) / C, NP = N * P;
-  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) { blas_single_threaded(threads_local, [&] {
+  over_heads_blas1(B, H, threads, threads_local, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), Ya(G * C * P), KT(N * C),
         Xs(C * N), S(G * NP), cum(C), seg(C), e(C), f(C), work(2 * C);
@@ -458,21 +467,22 @@ void liquid_chunked_forward(sgemm_t sgemm, threads_local_t threads_local, const 
       std::copy(S.begin(), S.begin() + nh * NP, final_state + (b * H + g0) * NP);
     }
     fence_stores();
-  }); });
+  });
 }
 
 // Gradients, given gy [B, T, H, P] and g_final [B, H, N, P] (contiguous; g_final may be null) and the states
 // saved by the forward. Out (contiguous): grad_q, grad_k [B, T, H, N], grad_v [B, T, H, P], grad_ld [B, T, H]
 // (0 at resets) and grad_h0 [B, H, N, P] (may be null).
-void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k, const float* v, const float* ld,
-                             const float* states, const float* gy, const float* g_final, float* grad_q,
-                             float* grad_k, float* grad_v, float* grad_ld, float* grad_h0, int64_t B, int64_t T,
-                             int64_t H, int64_t N, int64_t P, int64_t C, const int64_t* sq, const int64_t* sk,
-                             const int64_t* sv, const int64_t* sl, int64_t threads) {
+void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const float* q, const float* k,
+                             const float* v, const float* ld, const float* states, const float* gy,
+                             const float* g_final, float* grad_q, float* grad_k, float* grad_v, float* grad_ld,
+                             float* grad_h0, int64_t B, int64_t T, int64_t H, int64_t N, int64_t P, int64_t C,
+                             const int64_t* sq, const int64_t* sk, const int64_t* sv, const int64_t* sl,
+                             int64_t threads) {
   const Gemm gemm{sgemm};
-  const Strides Sq{sq[0], sq[1], sq[2]}, Sk{sk[0], sk[1], sk[2]}, Sv{sv[0], sv[1], sv[2]}, Sl{sl[0], sl[1], sl[2]};
+  const Strides Sq(sq), Sk(sk), Sv(sv), Sl(sl);
   const int64_t chunks = (T + C - 1) / C, NP = N * P;
-  over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) { blas_single_threaded(threads_local, [&] {
+  over_heads_blas1(B, H, threads, threads_local, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
     const int64_t G = std::min<int64_t>(HEAD_GROUP, h_hi - h_lo);
     std::vector<float> A(C * C), D(C * C), dA(C * C), Qa(G * C * N), Ka(G * C * N), Va(G * C * P), dYa(G * C * P),
         dQa(G * C * N), dKa(G * C * N), dVa(G * C * P), KT(N * C), VT(P * C), Xs(C * N), ST(NP), dS_all(G * NP),
@@ -541,13 +551,14 @@ void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const
       if (grad_h0) std::copy(dS_all.begin(), dS_all.begin() + nh * NP, grad_h0 + (b * H + g0) * NP);
     }
     fence_stores();
-  }); });
+  });
 }
 
 }  // extern "C"
 """
 
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")  # as torch builds
+# -fno-trapping-math (as torch builds) lets the exp polynomial's float-to-int conversion vectorise.
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 # On x86 the kernels are built for this machine's vector units (AVX-512 / AVX2: the decay masks' exp, the
 # transposes and row sums around the matmuls); the cache key then includes the CPU's flags, so a cache shared
 # between machines of different kinds holds one build per kind.

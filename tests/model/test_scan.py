@@ -65,6 +65,20 @@ def run_with_grads(fn, q, k, v, log_decay, init, chunk_size, seed=1):
     return y.detach(), state.detach(), grads
 
 
+def results_at_thread_counts(inputs, chunk_size, counts):
+    """[y, state, *grads] of liquid_scan (run_with_grads) at each torch thread count in `counts`."""
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            y, s, grads = run_with_grads(liquid_scan, *inputs, chunk_size)
+            out.append([y, s, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def check_against_reference(q, k, v, log_decay, init, chunk_size):
     y, s, grads = run_with_grads(liquid_scan, q, k, v, log_decay, init, chunk_size)
     y_ref, s_ref, grads_ref = run_with_grads(liquid_scan_reference, q, k, v, log_decay, init, chunk_size)
@@ -324,18 +338,11 @@ def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_fo
     ranges across a batch boundary at three; 93 tokens: a short last chunk; resets and an initial state."""
     _kernel_only(form)
     inputs = make_inputs(2, 93, 11, 6, 5, reset_prob=0.03, with_state=True, resets=(0, 40))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_with_grads(liquid_scan, *inputs, 16)
-        torch.set_num_threads(3)
-        three = run_with_grads(liquid_scan, *inputs, 16)
-    finally:
-        torch.set_num_threads(threads)
-    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(three)))
+    one, three = results_at_thread_counts(inputs, 16, (1, 3))
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
     monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None)
-    for a, b in zip(flat(one), flat(run_with_grads(liquid_scan, *inputs, 16))):
+    y, s, grads = run_with_grads(liquid_scan, *inputs, 16)
+    for a, b in zip(one, [y, s, *grads]):
         assert_close(a, b)
 
 

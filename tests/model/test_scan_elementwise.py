@@ -8,7 +8,8 @@ import torch
 
 from pretrain.model import scan as scan_module
 from pretrain.model.scan import liquid_scan, liquid_scan_reference
-from tests.model.test_scan import check_against_reference, make_inputs, run_with_grads, assert_close
+from tests.model.test_scan import (assert_close, check_against_reference, make_inputs, results_at_thread_counts,
+                                   run_with_grads)
 
 from pretrain.model import scan_cpu
 
@@ -116,18 +117,11 @@ def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_fo
     if form != "cpu_kernel":
         pytest.skip("a property of the kernel")
     inputs = make_inputs(2, 77, 5, 1, 6, with_state=True, resets=(0, 40))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run_with_grads(liquid_scan, *inputs, 64)
-        torch.set_num_threads(3)
-        three = run_with_grads(liquid_scan, *inputs, 64)
-    finally:
-        torch.set_num_threads(threads)
-    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(three)))
+    one, three = results_at_thread_counts(inputs, 64, (1, 3))
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
     monkeypatch.setattr(scan_module, "_cpu_kernel", lambda chunked=False: None)
-    for a, b in zip(flat(one), flat(run_with_grads(liquid_scan, *inputs, 64))):
+    y, s, grads = run_with_grads(liquid_scan, *inputs, 64)
+    for a, b in zip(one, [y, s, *grads]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
