@@ -11,7 +11,8 @@ inputs included (PEAK_MEM_METHOD).
 scan (per seq of `--seqs`, default 4096..65536, batch 1; the preset's liquid and attention shapes)
   * case liquid_scan: forward+backward of the scan with q, k, v in bf16 and log_decay in fp32 (what
     LiquidMixer feeds it with bf16 weights), gradients given for y and the final state. impl "pytorch" is
-    the chunked PyTorch path (LIQUID_SCAN_TRITON=0 while the section runs); the Triton impls (TRITON_IMPLS:
+    the chunked PyTorch path (LIQUID_SCAN_TRITON=0 while the section runs, and scan.pytorch_forms: not the
+    CPU's C++ kernel); the Triton impls (TRITON_IMPLS:
     "triton" the sequential kernels forward and backward, "triton_recompute" the same forward with the
     PyTorch recomputation as backward, "triton_parallel" the chunk-parallel form) call
     `scan_triton.liquid_scan_triton` (CUDA with triton importable only, a skipped line otherwise). Each line
@@ -247,9 +248,13 @@ def _scoped_env(values: dict):
 
 def scan_impls(device: torch.device) -> dict:
     """impl -> the scan function (liquid_scan's signature), or the reason it is not measured here."""
-    from pretrain.model.scan import liquid_scan
+    from pretrain.model.scan import liquid_scan, pytorch_forms
 
-    impls = {"pytorch": liquid_scan}
+    def pytorch_scan(*args, **kwargs):  # the PyTorch form even where the CPU kernel would be taken
+        with pytorch_forms():
+            return liquid_scan(*args, **kwargs)
+
+    impls = {"pytorch": pytorch_scan}
     for impl in TRITON_IMPLS:
         impls[impl] = "the Triton scan runs on CUDA only"
     if device.type == "cuda":
@@ -264,10 +269,16 @@ def scan_impls(device: torch.device) -> dict:
 def dispatched_scan_impl(device: torch.device) -> str:
     """The impl liquid_scan takes inside the model here, named as in TRITON_IMPLS: "triton" (or
     "triton_parallel" with LIQUID_SCAN_TRITON_FORM=parallel) where scan_triton.use_triton says so for a
-    tensor on `device` (CUDA with triton, unless LIQUID_SCAN_TRITON=0), else "pytorch"."""
+    tensor on `device` (CUDA with triton, unless LIQUID_SCAN_TRITON=0); on the CPU "cpu_kernel" where the
+    chunked scan's C++ kernel is available (pretrain/model/scan_cpu.py); else "pytorch"."""
     from pretrain.model import scan_triton
 
     if not scan_triton.use_triton(torch.empty(0, device=device)):
+        if device.type == "cpu":
+            from pretrain.model import scan as scan_module
+
+            if scan_module._cpu_kernel(chunked=True) is not None:
+                return "cpu_kernel"
         return "pytorch"
     return "triton_parallel" if os.environ.get(scan_triton.FORM_ENV) == "parallel" else "triton"
 
@@ -542,7 +553,7 @@ def step_variants(device: torch.device, args) -> list[dict]:
     and packed documents of args.step_doc_len tokens (attention under the DocumentMask, as the loader's
     rows come)."""
     runs = [{"env": {}, "doc_len": None}]
-    if dispatched_scan_impl(device) != "pytorch":
+    if dispatched_scan_impl(device) in TRITON_IMPLS:
         runs.append({"env": {"LIQUID_SCAN_TRITON_FORM": "parallel"}, "doc_len": None})
         runs.append({"env": {"LIQUID_SCAN_TRITON": "0"}, "doc_len": None})
     if args.step_doc_len < args.step_seq:

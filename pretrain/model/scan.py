@@ -19,6 +19,7 @@ tokens in different segments are masked out, and the carried state is dropped af
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -229,6 +230,19 @@ class _ElementwiseScan(torch.autograd.Function):
 
 
 _CPU_KERNELS: dict[bool, object] = {}  # chunked -> the kernel or None, decided once per process
+
+
+@contextlib.contextmanager
+def pytorch_forms():
+    """Inside, liquid_scan takes its PyTorch forms on the CPU (no C++ kernel): for measuring those forms
+    (`liquid bench gpu`'s "pytorch" impl). Not thread-safe; backward needs no context (it is autograd's)."""
+    saved = dict(_CPU_KERNELS)
+    _CPU_KERNELS.update({True: None, False: None})
+    try:
+        yield
+    finally:
+        _CPU_KERNELS.clear()
+        _CPU_KERNELS.update(saved)
 
 
 def _cpu_kernel(chunked: bool = False):

@@ -15,7 +15,8 @@ GIB = 1024**3
 
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 2,
-                     checkpointing: str = "none", attention: str = "fused", cp: int = 1) -> int:
+                     checkpointing: str = "none", attention: str = "fused", cp: int = 1,
+                     scan: str = "pytorch") -> int:
     """Peak activation bytes of one micro-batch (forward activations plus backward temporaries) under
     train.activation_checkpointing, from the tensors the code saves for backward, counted per token in
     `_layer_bytes_per_token` and `head_bytes` (read off `liquid dryrun`'s saved tensors at the
@@ -29,9 +30,11 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
     `seq_len` is this rank's slice; with `cp` > 1 every attention layer also keeps the K/V it gathered
     from the whole row (the context-parallel all-gather's buffer).
     attention "blocks" (the CPU path) also keeps each block of queries' mask over its keys, in fp32.
+    scan: "pytorch" (the chunked PyTorch form's saved chunk matrices) or "cpu_kernel" (the CPU's C++ kernel,
+    pretrain/model/scan_cpu.py: one N x P state per chunk beside the inputs it shares with the mixer).
     """
     d, D = cfg.d_model, dtype_bytes
-    parts = [_layer_bytes_per_token(cfg, mixer, ffn, D, cp=cp)
+    parts = [_layer_bytes_per_token(cfg, mixer, ffn, D, cp=cp, scan=scan)
              for mixer, ffn in zip(cfg.layer_types(), cfg.ffn_types())]
     # (kept through the whole step, the most one recomputed region adds in backward)
     kept = {
@@ -48,6 +51,14 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
     tokens = micro_batch * seq_len
     # The head's peak comes at the end of the forward, before backward recomputes anything.
     return tokens * always + max(head_bytes(cfg, tokens, D), tokens * recomputed)
+
+
+def cpu_scan_kind() -> str:
+    """The chunked scan's form on this machine's CPU: "cpu_kernel" where its C++ kernel builds, else
+    "pytorch" (for the activation memory a CPU run keeps)."""
+    from pretrain.model import scan
+
+    return "cpu_kernel" if scan._cpu_kernel(chunked=True) is not None else "pytorch"
 
 
 def _norm_bytes(width: int) -> int:
@@ -76,7 +87,8 @@ def head_bytes(cfg, tokens: int, D: int) -> int:
     return kept + max(8 * c * V, copies * D * (c * V + V * d))
 
 
-def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1) -> tuple[int, int]:
+def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1,
+                           scan: str = "pytorch") -> tuple[int, int]:
     """Bytes one layer saves per token: (mixer with its norm, FFN with its norm). D = autocast dtype bytes;
     the norms, the liquid scan and the router work in fp32."""
     d = cfg.d_model
@@ -86,7 +98,13 @@ def _layer_bytes_per_token(cfg, mixer: str, ffn: str, D: int, *, cp: int = 1) ->
         hn, hp = h * lc.key_dim, h * lc.value_dim
         mix = D * d + 8 * hn + 16 * h  # in_proj's input; q and k normalised in fp32
         mix += D * (3 * hn + 4 * hp) + h * c + 3 * h  # projections, conv, gated k; reset masks (bool)
-        mix += 16 * h * c + 20 * hn + 12 * hp + 4 * hn * lc.value_dim // c + 16 * h  # the scan, fp32
+        states = 4 * hn * lc.value_dim // c  # the state entering each chunk, fp32
+        if scan == "cpu_kernel":
+            mix += states
+        elif scan == "pytorch":
+            mix += 16 * h * c + 20 * hn + 12 * hp + states + 16 * h  # the chunk matrices, fp32
+        else:
+            raise ValueError(f"scan must be 'pytorch' or 'cpu_kernel', got '{scan}'")
         mix += D * 3 * hp + 8 * hp + 4 * h  # per-head norm (fp32), gate, out_proj's input
     elif mixer == "conv":
         mix = 9 * D * d
@@ -123,7 +141,8 @@ def rank_groups(cfg, ep: int) -> list[tuple[int, bool]]:
 
 
 def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int,
-                    checkpointing: str = "none", dtype_bytes: int = 2, attention: str = "fused") -> dict:
+                    checkpointing: str = "none", dtype_bytes: int = 2, attention: str = "fused",
+                    scan: str = "pytorch") -> dict:
     """Bytes per rank, by the lines `liquid dryrun` measures: parameters and gradients in the training
     dtype (`dtype_bytes`: 2 for bf16, 4 for fp32); the optimizer's fp32 master partition and Adam's two
     moments (ZeRO partitions each group over dp x cp, expert groups over the expert-data-parallel ranks;
@@ -148,7 +167,7 @@ def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_ba
     parameters = local * dtype_bytes
     gradients = (partition if zero_stage >= 2 and world > 1 else local) * dtype_bytes
     acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing, attention=attention,
-                            dtype_bytes=dtype_bytes, cp=cp)
+                            dtype_bytes=dtype_bytes, cp=cp, scan=scan)
     at_step = gradients + 4 * partition  # + the fp32 gradient of the partition
     out = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
            "communication": communication}
@@ -229,7 +248,8 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
     mem = memory_per_rank(m, dp=p.dp, ep=p.ep, cp=p.cp, zero_stage=p.zero_stage,
                           micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                           checkpointing=t.activation_checkpointing, dtype_bytes=_dtype_bytes(t),
-                          attention="fused" if t.device == "cuda" else "blocks")
+                          attention="fused" if t.device == "cuda" else "blocks",
+                          scan="pytorch" if t.device == "cuda" else cpu_scan_kind())
     return {
         "params_total": counts.total,
         "params_active": counts.active,
