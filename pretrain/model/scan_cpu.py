@@ -346,7 +346,7 @@ struct Strides {  // of a [B, T, H, ...] tensor's batch, seq and head dimensions
 };
 
 // over_heads with one BLAS thread per kernel thread while f runs: after torch.set_num_threads, MKL would
-// otherwise start its own team inside each of ours (nested, twice the cores' worth: measured 1.3-2x slower).
+// otherwise start its own team inside each of ours (nested, twice the cores' worth: measured 1.2-2x slower).
 template <class F>
 void over_heads_blas1(int64_t B, int64_t H, int64_t threads, threads_local_t threads_local, F f) {
   over_heads(B, H, threads, [&](int64_t b, int64_t h_lo, int64_t h_hi) {
