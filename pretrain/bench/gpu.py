@@ -274,12 +274,9 @@ def dispatched_scan_impl(device: torch.device) -> str:
     from pretrain.model import scan_triton
 
     if not scan_triton.use_triton(torch.empty(0, device=device)):
-        if device.type == "cpu":
-            from pretrain.model import scan as scan_module
+        from pretrain.train.plan import cpu_scan_kind
 
-            if scan_module._cpu_kernel(chunked=True) is not None:
-                return "cpu_kernel"
-        return "pytorch"
+        return cpu_scan_kind() if device.type == "cpu" else "pytorch"
     return "triton_parallel" if os.environ.get(scan_triton.FORM_ENV) == "parallel" else "triton"
 
 
