@@ -22,7 +22,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 # Environment variables that change what the training code computes (the scan and attention kernels, the
 # data cache, DeepSpeed's accelerator). They are part of a run's configuration in effect: the driver
 # forwards them to every Ray worker (cluster/launch.py) and each rank records what it saw (workers/rank{R}.json).
-ENV_SWITCHES = ("LIQUID_SCAN_TRITON", "LIQUID_SCAN_CPU_KERNEL", "LIQUID_ATTENTION", "LIQUID_CACHE", "DS_ACCELERATOR")
+ENV_SWITCHES = ("LIQUID_SCAN_TRITON", "LIQUID_SCAN_CPU_KERNEL", "LIQUID_LOSS_CPU_KERNEL", "LIQUID_ATTENTION", "LIQUID_CACHE", "DS_ACCELERATOR")
 DEFAULT_PRESET = "tiny"
 
 

@@ -16,15 +16,19 @@ cross-entropy does), and backward only scales them by the incoming (scalar) grad
   log-softmax (turned into the gradient in place), and under bf16 that gradient's bf16 copy for the matmuls.
 Without grad mode (or when neither x nor the weight needs a gradient) only the loss is computed, by chunk.
 
-Numerics: each chunk runs F.linear in the autocast dtype (as autocast runs the plain head), then
-log-softmax and nll_loss in fp32 - the kernels of F.cross_entropy - so a single chunk's loss is the plain
-path's bit for bit. The softmax - one-hot gradient is formed for a unit upstream gradient and scaled in
+Numerics: each chunk runs F.linear in the autocast dtype (as autocast runs the plain head), then the
+softmax cross-entropy in fp32. On the CPU that is one C++ pass per row (pretrain/model/loss_cpu.py: the
+loss and softmax - one-hot in place of the logits, within a few ulp of torch's kernels); elsewhere, or
+without that kernel, log-softmax and nll_loss - the kernels of F.cross_entropy - so a single chunk's loss is
+the plain path's bit for bit. The softmax - one-hot gradient is formed for a unit upstream gradient and scaled in
 backward (in fp32); the weight's gradient is summed over chunks in fp32.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.model import loss_cpu
 
 DEFAULT_IGNORE_INDEX = -100
 
@@ -48,6 +52,11 @@ def _chunked(x, w, labels, chunk: int, ignore_index: int, need_x: bool, need_w: 
     for start in range(0, n, chunk):
         xc, yc = x[start:start + chunk], labels[start:start + chunk]
         logits = F.linear(xc, w).float()  # (the plain head: F.linear in the compute dtype, then .float())
+        if loss_cpu.applies(logits, yc):  # one pass per row: the loss, and the gradient in place
+            total = total + loss_cpu.cross_entropy_rows_(logits, yc, ignore_index, grad=need_x or need_w).sum()
+            if need_x or need_w:
+                _grad_matmuls(logits.to(x.dtype), xc, w, grad_x, grad_w, start, chunk)
+            continue
         logp = torch.log_softmax(logits, dim=-1)
         del logits
         total = total + F.nll_loss(logp, yc, ignore_index=ignore_index, reduction="sum")
@@ -58,17 +67,22 @@ def _chunked(x, w, labels, chunk: int, ignore_index: int, need_x: bool, need_w: 
         grad = logp.exp_()
         grad.scatter_add_(1, torch.where(valid, yc, 0).unsqueeze(1), valid.to(grad.dtype).neg().unsqueeze(1))
         grad.mul_(valid.unsqueeze(1))
-        grad = grad.to(x.dtype)  # the matmuls run in the compute dtype, as the plain head's backward
         del logp
-        if need_x:
-            torch.mm(grad, w, out=grad_x[start:start + chunk])
-        if need_w:
-            if grad.dtype == torch.float32:  # (addmm with out=, not addmm_: torch's FLOP counter sees it)
-                torch.addmm(grad_w, grad.t(), xc, out=grad_w)
-            else:
-                grad_w.add_(grad.t() @ xc)
+        _grad_matmuls(grad.to(x.dtype), xc, w, grad_x, grad_w, start, chunk)
         del grad
     return total, grad_x, grad_w
+
+
+def _grad_matmuls(grad, xc, w, grad_x, grad_w, start: int, chunk: int) -> None:
+    """A chunk's dL/dlogits (in the compute dtype: the matmuls run in it, as the plain head's backward) into
+    dL/dx (its rows of grad_x) and dL/dw (summed into grad_w, fp32); either may be None."""
+    if grad_x is not None:
+        torch.mm(grad, w, out=grad_x[start:start + chunk])
+    if grad_w is not None:
+        if grad.dtype == torch.float32:  # (addmm with out=, not addmm_: torch's FLOP counter sees it)
+            torch.addmm(grad_w, grad.t(), xc, out=grad_w)
+        else:
+            grad_w.add_(grad.t() @ xc)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):

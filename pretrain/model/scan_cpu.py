@@ -42,6 +42,30 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+EXP_SOURCE = r"""
+#include <cstdint>
+
+// exp(x) for -87.3 <= x <= 88, a Cephes-style polynomial (about 1 ulp) that vectorises.
+static inline float exp_core(float x) {
+  const float kf = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  return e * __builtin_bit_cast(float, ((int32_t)kf + 127) << 23);  // times 2^kf (a union would not vectorise)
+}
+
+// exp(x) for x <= 0 (0 below -87.3).
+static inline float exp_nonpos(float x) {
+  const float e = exp_core(x < -87.3f ? -87.3f : x);
+  return x < -87.3f ? 0.0f : e;
+}
+"""
+
 _SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
@@ -50,7 +74,7 @@ _SOURCE = r"""
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
-
+""" + EXP_SOURCE + r"""
 namespace {
 
 // Calls f(b, h_lo, h_hi) over [0, B*H) (batch, head) pairs cut into `tasks` contiguous ranges, run on the
@@ -198,26 +222,6 @@ struct Gemm {
     f(&tb, &ta, &nn, &mm, &kk, &alpha, B, &lb, A, &la, &beta, C, &lc);
   }
 };
-
-// exp(x) for -87.3 <= x <= 88, a Cephes-style polynomial (about 1 ulp) that vectorises.
-static inline float exp_core(float x) {
-  const float kf = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  return e * __builtin_bit_cast(float, ((int32_t)kf + 127) << 23);  // times 2^kf (a union would not vectorise)
-}
-
-// exp(x) for x <= 0 (0 below -87.3).
-static inline float exp_nonpos(float x) {
-  const float e = exp_core(x < -87.3f ? -87.3f : x);
-  return x < -87.3f ? 0.0f : e;
-}
 
 // One chunk's decay structure, from log_decay (-inf = reset) at stride `ls`: cum (inclusive log-decay sum
 // from the chunk's start, resets counted as 0), seg (resets up to and including t), e_t = exp(cum_t) where
@@ -580,29 +584,38 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LIQUID_CACHE", Path.home() / ".cache" / "liquid-pretrain")) / "kernels"
 
 
-@functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel library, "") or (None, why not)."""
-    if os.environ.get(_ENV, "1") == "0":
-        return None, f"{_ENV}=0"
+def build_library(name: str, source: str) -> tuple[ctypes.CDLL | None, str]:
+    """Compile `source` (plain C++, no torch headers) once per machine into LIQUID_CACHE/kernels and load it:
+    (the library, "") or (None, why not). The file name carries a hash of the source, the compiler, its flags
+    and (for -march=native builds) the CPU's flags."""
     compiler = os.environ.get("CXX", "c++")
     flags = _FLAGS + _NATIVE
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_id() if _NATIVE else ""])
+    key = hashlib.sha256("\0".join([source, compiler, *flags, platform.machine(), _cpu_id() if _NATIVE else ""])
                          .encode()).hexdigest()[:16]
-    path = _cache_dir() / f"liquid_elementwise_{key}.so"
+    path = _cache_dir() / f"liquid_{name}_{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 src, out = Path(tmp) / "kernel.cpp", Path(tmp) / "kernel.so"
-                src.write_text(_SOURCE)
+                src.write_text(source)
                 subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
                                text=True, timeout=300)
                 os.replace(out, path)  # atomic: concurrent ranks each compile and one copy wins
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path)), ""
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        return None, f"could not build the CPU scan kernel with {compiler}: {detail.strip()[:300]}"
+        return None, f"could not build the CPU {name} kernel with {compiler}: {detail.strip()[:300]}"
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel library, "") or (None, why not)."""
+    if os.environ.get(_ENV, "1") == "0":
+        return None, f"{_ENV}=0"
+    lib, why = build_library("scan", _SOURCE)
+    if lib is None:
+        return None, why
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.liquid_elementwise_forward.argtypes = [ptr] * 8 + [i64] * 5
     lib.liquid_elementwise_backward.argtypes = [ptr] * 13 + [i64] * 5

@@ -10,11 +10,25 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import load_config
+from pretrain.model import loss_cpu
 from pretrain.model.loss import linear_cross_entropy_sum
 from pretrain.model.model import IGNORE_INDEX, build_model
 from tests.model.test_generation import CFG
 
 RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "torch_ops"])
+def form(request):
+    """The form of the per-chunk softmax cross-entropy in this test: the CPU kernel (pretrain/model/loss_cpu.py)
+    or torch's ops."""
+    if request.param == "cpu_kernel":
+        if not loss_cpu.available():
+            pytest.skip("the CPU cross-entropy kernel is not available here (see the warning)")
+        yield request.param
+    else:
+        with loss_cpu.torch_ops():
+            yield request.param
 
 
 def _rel(a, b) -> float:
@@ -77,19 +91,54 @@ def test_no_grad_and_inputs_without_grad():
     assert got.grad_fn is None and abs(got.item() - want) <= RTOL * abs(want)
 
 
-def test_bf16_autocast_runs_the_matmuls_as_the_plain_head():
+def test_bf16_autocast_runs_the_matmuls_as_the_plain_head(form):
     x, w, labels = _inputs(n=64, d=32, vocab=257)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = _plain(x, w, labels)
         got_one = linear_cross_entropy_sum(x, w, labels, chunk_tokens=64)
         got = linear_cross_entropy_sum(x, w, labels, chunk_tokens=16)
-    assert got_one.item() == want.item()  # one chunk: the plain head's kernels on the same bf16 logits
+    if form == "torch_ops":  # one chunk: the plain head's kernels on the same bf16 logits
+        assert got_one.item() == want.item()
+    assert abs(got_one.item() - want.item()) <= RTOL * abs(want.item())
     assert abs(got.item() - want.item()) <= RTOL * abs(want.item())  # (fp32 sums of the chunks)
     want_gx, want_gw = torch.autograd.grad(want, (x, w))
     gx, gw = torch.autograd.grad(got, (x, w))
     assert gx.dtype == torch.float32 and gw.dtype == torch.float32
     # The plain head's gradients are bf16 matmul outputs; here too (the weight's summed over chunks in fp32).
     assert _rel(gx, want_gx) <= 1e-2 and _rel(gw, want_gw) <= 1e-2
+
+
+def test_a_label_out_of_range_is_an_index_error():
+    x, w, labels = _inputs()
+    labels[3] = w.shape[0]
+    with pytest.raises(IndexError, match="out of bounds"):
+        linear_cross_entropy_sum(x, w, labels, chunk_tokens=8)
+
+
+def test_the_kernel_runs_and_its_bits_do_not_depend_on_the_thread_count(form):
+    if form != "cpu_kernel":
+        pytest.skip("a property of the CPU kernel")
+    g = torch.Generator().manual_seed(1)
+    logits, labels = 4 * torch.randn(13, 1000, generator=g), torch.randint(0, 1000, (13,), generator=g)
+    labels[2] = IGNORE_INDEX
+    assert loss_cpu.applies(logits, labels)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            grad = logits.clone()
+            got.append((loss_cpu.cross_entropy_rows_(grad, labels, IGNORE_INDEX, grad=True), grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    want = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(got[0][0], want, rtol=1e-6, atol=1e-6)
+    assert not got[0][1][2].any() and got[0][0][2] == 0  # the ignored row
+    soft = torch.softmax(logits, -1)
+    soft[torch.arange(13), labels.clamp_min(0)] -= 1
+    soft[2] = 0
+    torch.testing.assert_close(got[0][1], soft, rtol=1e-5, atol=1e-6)
 
 
 def test_peak_memory_is_below_the_plain_heads():
@@ -183,3 +232,29 @@ def test_bench_loss_prints_one_json_line(monkeypatch, capsys):
     assert out["plain"]["variant"] == "plain" and out["chunked"]["variant"] == "chunked"
     assert out["loss_rel_diff"] <= RTOL and out["time_ratio"] > 0
     assert {"memory_saved_bytes", "allocator_saved_bytes", "peak_ratio", "time_plain_s", "time_chunked_s"} <= set(out)
+
+
+def test_without_a_compiler_torch_ops_compute_it_with_one_warning(tmp_path):
+    """A fresh process (the build is decided once per process) whose compiler does not exist."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = """
+import warnings, torch, torch.nn.functional as F
+from pretrain.model import loss_cpu
+from pretrain.model.loss import linear_cross_entropy_sum
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    x, w, y = torch.randn(9, 4), torch.randn(30, 4), torch.randint(0, 30, (9,))
+    got = linear_cross_entropy_sum(x, w, y, chunk_tokens=4)
+want = F.cross_entropy(x @ w.t(), y, reduction="sum")
+print("available", loss_cpu.available(), "close", abs(got.item() - want.item()) <= 1e-6 * want.item())
+print("warnings", [str(c.message) for c in caught])
+"""
+    env = {**os.environ, "LIQUID_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "available False close True" in out
+    assert out.count("the head's cross-entropy takes torch's ops on the CPU: could not build the CPU loss kernel") == 1
