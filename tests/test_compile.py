@@ -48,3 +48,27 @@ def test_compiled_blocks_train_like_eager():
     torch._dynamo.reset()
     eager, compiled = _losses(cfg, False), _losses(cfg, True)
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0)
+
+
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_compiled_conv_takes_the_shifted_sums_and_equals_eager(with_tail):
+    """Eager, a row without document starts takes conv1d; compiled, the shifted sums (which inductor fuses):
+    the same outputs and gradients (of the input, the weight and the tail)."""
+    from pretrain.model.layers import causal_depthwise_conv
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 11, 6, generator=g), torch.randn(6, 1, 3, generator=g)
+    tail = torch.randn(2, 2, 6, generator=g) if with_tail else None
+    gy = torch.randn(2, 11, 6, generator=g)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w) + ((tail,) if with_tail else ())]
+        y = fn(leaves[0], leaves[1], None, *leaves[2:])
+        y.backward(gy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    eager = run(causal_depthwise_conv)
+    compiled = run(torch.compile(causal_depthwise_conv, backend="inductor", fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

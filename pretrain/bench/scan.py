@@ -148,32 +148,44 @@ def _sdpa_inputs(batch, seq, heads, n, p, device):
     return [t.to(device).requires_grad_() for t in (q, k, v)]
 
 
-def _fwd_bwd(loss_fn, inputs):
+def _fwd_bwd(outputs_fn, inputs):
+    """One forward + backward: outputs_fn(*inputs) (a tensor or a tuple), then backward from fixed random
+    upstream gradients of the outputs' shapes (made by the first call, a warm-up run, and kept), as a layer
+    inside a model gets them. (A summed loss instead would add its own passes: the sum, and the broadcast
+    scalar gradient made contiguous by the backward kernels.)"""
+    upstream: dict[tuple, tuple] = {}
+
     def run():
         for t in inputs:
             t.grad = None
-        loss_fn(*inputs).backward()
+        outs = outputs_fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        key = tuple((tuple(o.shape), o.dtype, o.device) for o in outs)
+        if key not in upstream:
+            g = torch.Generator().manual_seed(SEED + 1)
+            upstream[key] = tuple(torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs)
+        torch.autograd.backward(outs, upstream[key])
 
     return run
 
 
-def _sdpa_loss(backend):
-    """Causal SDPA forward (summed) forced to one backend: sdpa_kernel raises where it is not eligible, so a
-    run that returns ran exactly that backend (its backward is the one of the forward's kernel)."""
+def _sdpa_outputs(backend):
+    """Causal SDPA forward forced to one backend: sdpa_kernel raises where it is not eligible, so a run that
+    returns ran exactly that backend (its backward is the one of the forward's kernel)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def loss_fn(q, k, v):
+    def outputs_fn(q, k, v):
         with sdpa_kernel([getattr(SDPBackend, backend)]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return loss_fn
+    return outputs_fn
 
 
-def _sdpa_kernel_ops(loss_fn, inputs) -> list[str]:
-    """Names of the aten attention ops one forward of loss_fn runs (seen by the profiler): the evidence of
+def _sdpa_kernel_ops(outputs_fn, inputs) -> list[str]:
+    """Names of the aten attention ops one forward of outputs_fn runs (seen by the profiler): the evidence of
     which kernel ran."""
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss_fn(*inputs)
+        outputs_fn(*inputs)
     return sorted({e.key for e in prof.key_averages() if "attention" in e.key and e.key.startswith("aten::")})
 
 
@@ -190,7 +202,7 @@ def _fastest_sdpa_backend(inputs, device, probe_seq) -> tuple[str, dict]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns why each ineligible kernel was not used
-                tried[name] = round(time_runs(_fwd_bwd(_sdpa_loss(name), probe), device, warmup=1, repeats=1)[0], 6)
+                tried[name] = round(time_runs(_fwd_bwd(_sdpa_outputs(name), probe), device, warmup=1, repeats=1)[0], 6)
         except RuntimeError as err:
             tried[name] = "not available: " + (str(err).strip().splitlines() or ["RuntimeError"])[0][:200]
     timed = {name: t for name, t in tried.items() if isinstance(t, float)}
@@ -248,12 +260,12 @@ def _measure(spec: dict) -> dict:
             # unequal dims), forced.
             inputs = _sdpa_inputs(batch, seq, spec["heads"], spec["key_dim"], spec["value_dim"], device)
             backend = "MATH"
-        loss_fn = _sdpa_loss(backend)
+        outputs_fn = _sdpa_outputs(backend)
         extra["sdpa_backend"] = backend
         extra["sdpa_default_backend"] = sdpa_backend(*inputs)  # torch's own choice without sdpa_kernel
         small = [x.detach()[:, :, :min(seq, 64)] for x in inputs]
-        extra["sdpa_kernel_ops"] = _sdpa_kernel_ops(loss_fn, small)
-        run = _fwd_bwd(loss_fn, inputs)
+        extra["sdpa_kernel_ops"] = _sdpa_kernel_ops(outputs_fn, small)
+        run = _fwd_bwd(outputs_fn, inputs)
 
     elif case in ("docs_dense", "docs_blocks"):
         # Causal attention inside documents of doc_len tokens packed in the row: one [s, s] mask (dense) or
@@ -265,12 +277,12 @@ def _measure(spec: dict) -> dict:
         starts[:, ::spec["doc_len"]] = True
         mask = DocumentMask(starts.long().cumsum(-1).to(device), 0, seq)
 
-        def loss_fn(q, k, v):
+        def outputs_fn(q, k, v):
             if case == "docs_dense":
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()).sum()
-            return mask.attend(q, k, v).sum()
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense())
+            return mask.attend(q, k, v)
 
-        run = _fwd_bwd(loss_fn, inputs)
+        run = _fwd_bwd(outputs_fn, inputs)
 
     else:
         if case in ("elementwise", "blelloch"):
@@ -288,13 +300,13 @@ def _measure(spec: dict) -> dict:
                 scan = functools.partial(liquid_scan, recompute=True)
             scan = functools.partial(scan, chunk_size=chunk)
 
-        loss_fn = _scan_loss(scan)
-        run = _fwd_bwd(loss_fn, inputs)
+        outputs_fn = _scan_outputs(scan)
+        run = _fwd_bwd(outputs_fn, inputs)
 
     if case == "reference":
         # The loop is slow and its cost per token is constant: warm up on a short prefix, time one full run.
         warm = min(seq, _REFERENCE_WARMUP_TOKENS)
-        time_runs(_fwd_bwd(lambda *xs: loss_fn(*(x[:, :warm] for x in xs)), inputs), device, warmup=1, repeats=0)
+        time_runs(_fwd_bwd(lambda *xs: outputs_fn(*(x[:, :warm] for x in xs)), inputs), device, warmup=1, repeats=0)
         runs = time_runs(run, device, warmup=0, repeats=1)
     else:
         extra["warmup_runs"] = _warm_up(run, device)
@@ -309,13 +321,12 @@ def _measure(spec: dict) -> dict:
     return {"runs": runs, "wall_s": wall, "peak_kib": peak_kib, **extra}
 
 
-def _scan_loss(scan):
-    """The loss every scan case differentiates: the sum of the outputs and of the final state."""
-    def loss_fn(q, k, v, log_decay):
-        y, state = scan(q, k, v, log_decay)
-        return y.sum() + state.sum()
+def _scan_outputs(scan):
+    """What every scan case differentiates: the outputs and the final state."""
+    def outputs_fn(q, k, v, log_decay):
+        return tuple(scan(q, k, v, log_decay))
 
-    return loss_fn
+    return outputs_fn
 
 
 def _warm_up(run, device) -> int:
@@ -335,7 +346,7 @@ def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
     """The element-wise scan and the Blelloch scan on the same inputs in this one process, alternating run by
     run (after WARMUP_RUNS of each), so that load from elsewhere and the process's heap hit both alike: the
     medians and ratio (Blelloch's time over ours; > 1: ours is faster)."""
-    anchor = _fwd_bwd(_scan_loss(blelloch_scan), inputs)
+    anchor = _fwd_bwd(_scan_outputs(blelloch_scan), inputs)
     time_runs(anchor, device, warmup=WARMUP_RUNS, repeats=0)
     ours, theirs = [], []
     for _ in range(rounds):

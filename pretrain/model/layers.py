@@ -61,7 +61,11 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, docs: torch.Ten
     """
     kernel = weight.shape[-1]
     batch, seq, channels = x.shape
-    if docs is None:  # one depthwise conv1d over the padded sequence (the same sum, to fp32 rounding)
+    if docs is None and not torch.compiler.is_compiling():
+        # Eager: one depthwise conv1d over the padded sequence (the same sum, to fp32 rounding). Compiled, the
+        # shifted sums below: inductor fuses them with the gates around them, without conv1d's transposed
+        # copies (ConvMixer forward + backward at 4 x 512 x 256 on the CPU: 14.6 ms against 16.5 compiled;
+        # eager, conv1d is the faster, 17.8 against 19.1 ms).
         xt = x.transpose(1, 2)
         xt = F.pad(xt, (kernel - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype).transpose(1, 2), xt], 2)
         return F.conv1d(xt, weight.to(x.dtype), groups=channels).transpose(1, 2)
