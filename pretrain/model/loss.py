@@ -25,10 +25,10 @@ backward (in fp32); the weight's gradient is summed over chunks in fp32.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
-
-from pretrain.model import loss_cpu
 
 DEFAULT_IGNORE_INDEX = -100
 
@@ -42,18 +42,33 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_CPU_KERNEL: list = []  # [pretrain.model.loss_cpu, or None where it is absent], once looked up
+
+
+def _cpu_kernel():
+    """pretrain/model/loss_cpu.py, the CPU kernel of a chunk's softmax cross-entropy; None where that module is
+    absent (exported models ship this file without it, and take torch's ops)."""
+    if not _CPU_KERNEL:
+        try:
+            _CPU_KERNEL.append(importlib.import_module("pretrain.model.loss_cpu"))
+        except ImportError:
+            _CPU_KERNEL.append(None)
+    return _CPU_KERNEL[0]
+
+
 def _chunked(x, w, labels, chunk: int, ignore_index: int, need_x: bool, need_w: bool):
     """x [n, d], w [vocab, d] (both in the compute dtype), labels [n] -> (fp32 loss sum, dL/dx in x's
     dtype or None, dL/dw fp32 or None), for a unit upstream gradient."""
     n = x.shape[0]
+    kernel = _cpu_kernel() if x.device.type == "cpu" else None
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     grad_x = torch.empty_like(x) if need_x else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
     for start in range(0, n, chunk):
         xc, yc = x[start:start + chunk], labels[start:start + chunk]
         logits = F.linear(xc, w).float()  # (the plain head: F.linear in the compute dtype, then .float())
-        if loss_cpu.applies(logits, yc):  # one pass per row: the loss, and the gradient in place
-            total = total + loss_cpu.cross_entropy_rows_(logits, yc, ignore_index, grad=need_x or need_w).sum()
+        if kernel is not None and kernel.applies(logits, yc):  # one pass per row: the loss, the gradient in place
+            total = total + kernel.cross_entropy_rows_(logits, yc, ignore_index, grad=need_x or need_w).sum()
             if need_x or need_w:
                 _grad_matmuls(logits.to(x.dtype), xc, w, grad_x, grad_w, start, chunk)
             continue
