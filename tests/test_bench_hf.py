@@ -17,6 +17,8 @@ def test_bench_hf_quick(capsys):
     assert out["bench"] == "hf" and out["quick"] and ours["tokens_per_s"] > 0 and ours["params"] > 0
     prof = out["ours_profile"]
     assert 0 < prof["matmul_frac"] <= prof["matmul_frac_with_attention"] <= 1
+    # profiled after the heap settled under the profiler; its page faults are reported
+    assert 1 <= prof["profiled_warmup_steps"] <= hf.SETTLE_MAX_STEPS and prof["page_faults_per_step"] >= 0
     assert prof["top_non_matmul"] and all(op["op"] not in hf.MATMUL_OPS for op in prof["top_non_matmul"])
     if hf.hf_available() is None:
         assert out["results"]["hf"]["params"] == ours["params"]  # the same model size on both sides

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,9 @@ ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
                  "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math"}
 STEP_EVENT = "liquid_bench::step"
+SETTLE_FAULTS = 256  # minor page faults (4 KiB each) of a settled step: 1 MiB of freshly mapped memory
+SETTLE_MAX_STEPS = 8
+PROFILE_HEAP_RESERVE = 1 << 30  # bytes; see _settle
 SIDES = ("ours", "ours_compiled", "hf")
 
 
@@ -144,18 +148,47 @@ def _hf(cfg):
     return step, sum(p.numel() for p in model.parameters()), info
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _settle(step) -> int:
+    """Untimed steps under the profiler until one takes fewer than SETTLE_FAULTS minor page faults (at most
+    SETTLE_MAX_STEPS); returns how many ran.
+
+    Why: with freed host memory kept (`keep_freed_host_memory`, as `liquid pretrain` runs) an unprofiled step
+    takes 0-2 page faults, but under the profiler about 12,000 (48 MiB) a step: the profiler's own small
+    allocations split the freed blocks, so the step's largest tensors (the head's logits, 64 MiB here) land
+    on freshly mapped memory every step, and the op that first writes them (the head's matmul, or
+    log_softmax) took up to 120 ms more a step in the profile. So profile_split first frees a touched block
+    of PROFILE_HEAP_RESERVE bytes (the heap keeps it mapped), from which those allocations are then served,
+    and reports the faults of the profiled steps (`page_faults_per_step`)."""
+    for done in range(1, SETTLE_MAX_STEPS + 1):
+        before = _minor_faults()
+        step()
+        if _minor_faults() - before < SETTLE_FAULTS:
+            return done
+    return SETTLE_MAX_STEPS
+
+
 def profile_split(step, steps: int, top: int = 12) -> dict:
-    """Profile `steps` calls of step() (after one profiled warm-up call): matmul share of the CPU time and
-    the top non-matmul ops by self time."""
+    """Profile `steps` calls of step() (after profiled warm-up calls until the heap settles, see _settle):
+    matmul share of the CPU time and the top non-matmul ops by self time, and the page faults of the
+    profiled steps."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    reserve = torch.empty(PROFILE_HEAP_RESERVE // 4)  # see _settle
+    reserve.fill_(0.0)
+    del reserve
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        warmup = _settle(step)
         prof.step_num = 0
+        faults = _minor_faults()
         with record_function("liquid_bench::window"):
             for _ in range(steps):
                 with record_function(STEP_EVENT):
                     step()
+        faults = _minor_faults() - faults
     events = prof.events()
     window = [e for e in events if e.name == "liquid_bench::window"][0].time_range
     selfs: dict[str, float] = {}
@@ -171,7 +204,8 @@ def profile_split(step, steps: int, top: int = 12) -> dict:
     rest = sorted(((k, v) for k, v in selfs.items() if k not in MATMUL_OPS), key=lambda kv: -kv[1])
     mm_ops = sorted(((k, v) for k, v in selfs.items() if k in MATMUL_OPS), key=lambda kv: -kv[1])
     return {
-        "profiled_step_ms": round(total / 1e3 / steps, 2),
+        "profiled_step_ms": round(total / 1e3 / steps, 2), "profiled_warmup_steps": warmup,
+        "page_faults_per_step": round(faults / steps, 1),
         "matmul_frac": round(mm / total, 4), "matmul_frac_with_attention": round((mm + attn) / total, 4),
         "matmul_ops": {k: round(v / 1e3 / steps, 2) for k, v in mm_ops},
         "top_non_matmul": [{"op": k, "ms_per_step": round(v / 1e3 / steps, 2), "frac": round(v / total, 4),
