@@ -72,3 +72,23 @@ def test_compiled_conv_takes_the_shifted_sums_and_equals_eager(with_tail):
     compiled = run(torch.compile(causal_depthwise_conv, backend="inductor", fullgraph=True))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_rope_tables_are_one_op_and_equal_eager():
+    """Compiled on the CPU, cos/sin come from one opaque op (liquid::rope_table), materialised once, not
+    re-evaluated inside every kernel that applies them; the values are the eager formula's."""
+    from pretrain.model.layers import rope_cos_sin
+
+    positions = torch.arange(40).reshape(2, 20) % 13
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(lambda p: rope_cos_sin(p, 16, 10000.0), backend=backend, fullgraph=True)(positions)
+    want = rope_cos_sin(positions, 16, 10000.0)
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"][:1] == [torch.ops.liquid.rope_table.default]
+    for a, b in zip(got, want):
+        assert a.shape == (2, 20, 8) and torch.equal(a, b)
