@@ -92,3 +92,13 @@ def test_compiled_rope_tables_are_one_op_and_equal_eager():
     assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"][:1] == [torch.ops.liquid.rope_table.default]
     for a, b in zip(got, want):
         assert a.shape == (2, 20, 8) and torch.equal(a, b)
+
+
+def test_the_model_s_small_ops_pass_opcheck():
+    """liquid::conv_taps (with its backward) and liquid::rope_table: shape functions, schemas, autograd."""
+    from pretrain.model.layers import conv_taps, rope_table
+
+    w = torch.randn(6, 1, 3, requires_grad=True)
+    torch.library.opcheck(conv_taps, (w,))
+    assert torch.equal(conv_taps(w), w[:, 0, :].t())
+    torch.library.opcheck(rope_table, (torch.arange(10).reshape(2, 5), 8, 10000.0))

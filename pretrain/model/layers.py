@@ -77,11 +77,14 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, docs: torch.Ten
         xt = x.transpose(1, 2)
         xt = F.pad(xt, (kernel - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype).transpose(1, 2), xt], 2)
         return F.conv1d(xt, weight.to(x.dtype), groups=channels).transpose(1, 2)
-    w = weight[:, 0, :]  # [channels, K]
+    # [K, channels]: compiled, each tap's weights contiguous through an op inductor does not look into; it
+    # vectorises the loops over channels only with contiguous loads (reading weight[:, 0, j], a stride-K
+    # gather, the backward's kernel ran scalar).
+    w = conv_taps(weight) if torch.compiler.is_compiling() else weight[:, 0, :].t()
     if tail is None:
         tail = x.new_zeros(batch, kernel - 1, channels)
     xp = torch.cat([tail, x], dim=1)
-    y = x * w[:, -1]
+    y = x * w[-1]
     for j in range(1, kernel):  # j = how far back
         shifted = xp[:, kernel - 1 - j: kernel - 1 - j + seq]
         if docs is not None:
@@ -92,8 +95,26 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, docs: torch.Ten
             head = min(j, seq)
             same[:, :head] = docs[:, :head] == 0
             shifted = shifted * same[..., None].to(x.dtype)
-        y = y + shifted * w[:, kernel - 1 - j]
+        y = y + shifted * w[kernel - 1 - j]
     return y
+
+
+@torch.library.custom_op("liquid::conv_taps", mutates_args=())
+def conv_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise conv's weight [channels, 1, K] as [K, channels], contiguous (a copy)."""
+    return weight[:, 0, :].t().contiguous()
+
+
+@conv_taps.register_fake
+def _(weight):
+    return weight.new_empty(weight.shape[2], weight.shape[0])
+
+
+def _conv_taps_backward(ctx, grad):
+    return grad.t().unsqueeze(1).contiguous()
+
+
+conv_taps.register_autograd(_conv_taps_backward)
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float):
