@@ -22,11 +22,10 @@ import contextlib
 import ctypes
 import functools
 import os
-import warnings
 
 import torch
 
-from pretrain.model.scan_cpu import EXP_SOURCE, build_library
+from pretrain.model.scan_cpu import EXP_SOURCE, build_library, library_available
 
 _ENV = "LIQUID_LOSS_CPU_KERNEL"
 _OFF = [False]  # torch_ops() sets it
@@ -129,15 +128,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def available() -> bool:
     """Whether the kernel is built and loaded (decided once per process; a build failure warns once)."""
-    lib, why = _library()
-    if lib is None and why != f"{_ENV}=0":
-        _warn_once(why)
-    return lib is not None
-
-
-@functools.cache
-def _warn_once(why: str) -> None:
-    warnings.warn(f"the head's cross-entropy takes torch's ops on the CPU: {why}", RuntimeWarning, stacklevel=3)
+    return library_available(_library, _ENV, "the head's cross-entropy takes torch's ops on the CPU")
 
 
 @contextlib.contextmanager

@@ -624,17 +624,26 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def available() -> bool:
-    """Whether the kernel is built and loaded (once per process; a failure warns once and returns False)."""
-    lib, why = _library()
-    if lib is None and why != f"{_ENV}=0":
-        _warn_once(why)
+def library_available(library, env: str, fallback: str) -> bool:
+    """Whether library() (a `build_library` result, or (None, "<env>=0") when switched off) is loaded; any
+    other failure warns once per process, "<fallback>: <why>"."""
+    lib, why = library()
+    if lib is None and why != f"{env}=0":
+        _warn_once(f"{fallback}: {why}")
     return lib is not None
 
 
+def available() -> bool:
+    """Whether the kernel is built and loaded (once per process; a failure warns once and returns False)."""
+    return library_available(_library, _ENV, _FALLBACK)
+
+
+_FALLBACK = "the liquid scan takes its PyTorch form on the CPU"
+
+
 @functools.cache
-def _warn_once(why: str) -> None:
-    warnings.warn(f"the liquid scan takes its PyTorch form on the CPU: {why}", RuntimeWarning, stacklevel=3)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _ptr(x: torch.Tensor | None):
@@ -785,7 +794,7 @@ def chunked_available() -> bool:
         return False
     addr, why = _sgemm()
     if addr is None:
-        _warn_once(why)
+        _warn_once(f"{_FALLBACK}: {why}")
     return addr is not None
 
 
