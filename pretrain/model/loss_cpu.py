@@ -143,22 +143,26 @@ def torch_ops():
 
 
 def applies(logits: torch.Tensor, labels: torch.Tensor) -> bool:
-    """Whether cross_entropy_rows_ can take these: real (not fake or meta) fp32 CPU logits [R, V] with unit
-    column stride, int64 labels [R], and the kernel built."""
-    from torch._subclasses.fake_tensor import is_fake
-
+    """Whether cross_entropy_rows_ can take these: fp32 CPU logits [R, V] with unit column stride, int64
+    labels [R], and the kernel built. Fake tensors too (`liquid dryrun` of a CPU run: see
+    cross_entropy_rows_)."""
     return (not _OFF[0] and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
             and logits.stride(1) == 1 and labels.dtype == torch.int64 and labels.dim() == 1
-            and labels.shape[0] == logits.shape[0] and not is_fake(logits) and not is_fake(labels)
-            and available())
+            and labels.shape[0] == logits.shape[0] and available())
 
 
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, grad: bool) -> torch.Tensor:
     """Per-row losses [R] fp32 of cross_entropy(logits, labels) (0 for ignored rows); with grad, logits is
     overwritten by d(sum of losses)/d logits = softmax - onehot (zeros on ignored rows). Check `applies`
-    first. An out-of-range label raises IndexError (as nll_loss does) before anything is written."""
+    first. An out-of-range label raises IndexError (as nll_loss does) before anything is written.
+    On fake tensors (`liquid dryrun`) nothing is computed: the losses' tensor is made and the logits stand
+    for their gradient, which is the kernel's memory."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    if is_fake(logits) or is_fake(labels):
+        return losses
     labels = labels.contiguous()
-    losses = torch.empty(logits.shape[0], dtype=torch.float32)
     bad = _library()[0].liquid_cross_entropy_rows(
         ctypes.c_void_p(logits.data_ptr()), ctypes.c_void_p(labels.data_ptr()), ctypes.c_void_p(losses.data_ptr()),
         logits.shape[0], logits.shape[1], logits.stride(0), ignore_index, int(grad), torch.get_num_threads())

@@ -186,13 +186,14 @@ def _flex_stand_in(q, k, v, *, block_mask=None, enable_gqa: bool = False):
 def _modeled_kernels(cuda: bool, dtype):
     """The kernels the dry run replaces for the duration (see the module docstring). The fake tensors live
     on the CPU (autograd's engine wants a real GPU for CUDA tensors, fake or not); for a CUDA target the
-    code takes the kernels it takes on CUDA: FlexAttention (the stand-in) and the grouped-GEMM experts, and
-    the liquid scan its PyTorch form (not the CPU's C++ kernel; the Triton kernel cannot run on fake
-    tensors), which `liquid plan` models."""
-    from pretrain.model import ffn, mixers, scan
+    code takes the kernels it takes on CUDA: FlexAttention (the stand-in) and the grouped-GEMM experts, the
+    liquid scan its PyTorch form (not the CPU's C++ kernel; the Triton kernel cannot run on fake tensors),
+    which `liquid plan` models, and the head's cross-entropy torch's ops (not the CPU's kernel)."""
+    from pretrain.model import ffn, loss_cpu, mixers, scan
 
     saved = (mixers.DocumentMask.attend, mixers.DocumentMask._block_starts, ffn._grouped_mm_dtype)
     forms = scan.pytorch_forms() if cuda else contextlib.nullcontext()
+    loss_forms = loss_cpu.torch_ops() if cuda else contextlib.nullcontext()  # CUDA: torch's cross-entropy
     if cuda:
         def attend(self, q, k, v, *, enable_gqa=False, backend=None):
             self.block_mask()  # the real block mask (its memory is measured), then the kernel's stand-in
@@ -203,7 +204,7 @@ def _modeled_kernels(cuda: bool, dtype):
     else:
         mixers.DocumentMask._block_starts = lambda self, block, firsts: [0] * len(firsts)
     try:
-        with forms:
+        with forms, loss_forms:
             yield
     finally:
         mixers.DocumentMask.attend, mixers.DocumentMask._block_starts, ffn._grouped_mm_dtype = saved
@@ -236,7 +237,7 @@ def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from parallel.topology import build_topology
-    from pretrain.train.plan import cpu_scan_kind
+    from pretrain.train.plan import cpu_loss_kind, cpu_scan_kind
 
     t, p = cfg.train, cfg.parallel
     world = p.dp * p.cp
@@ -250,6 +251,7 @@ def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
             measured = _measure(cfg, topology, device, dtype, options)
     measured["device"] = target
     measured["scan"] = "pytorch" if target == "cuda" else cpu_scan_kind()  # the chunked scan's form it ran
+    measured["loss"] = "torch" if target == "cuda" else cpu_loss_kind()  # the head loss's form it ran
     measured["seconds"] = round(time.perf_counter() - started, 1)
     return measured
 
@@ -378,7 +380,8 @@ def report(cfg, measured: dict, *, device: str = "H100") -> dict:
     plan = memory_per_rank(cfg.model, dp=p.dp, ep=p.ep, cp=p.cp, zero_stage=p.zero_stage,
                            micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                            checkpointing=t.activation_checkpointing, dtype_bytes=dtype_bytes,
-                           attention=_attention_kind(measured["device"]), scan=measured["scan"])
+                           attention=_attention_kind(measured["device"]), scan=measured["scan"],
+                           loss=measured.get("loss", "torch"))
     lines = {}
     for line in LINES:
         got, want = measured["bytes"][line], plan[line]

@@ -16,7 +16,7 @@ GIB = 1024**3
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 2,
                      checkpointing: str = "none", attention: str = "fused", cp: int = 1,
-                     scan: str = "pytorch") -> int:
+                     scan: str = "pytorch", loss: str = "torch") -> int:
     """Peak activation bytes of one micro-batch (forward activations plus backward temporaries) under
     train.activation_checkpointing, from the tensors the code saves for backward, counted per token in
     `_layer_bytes_per_token` and `head_bytes` (read off `liquid dryrun`'s saved tensors at the
@@ -32,6 +32,7 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
     attention "blocks" (the CPU path) also keeps each block of queries' mask over its keys, in fp32.
     scan: "pytorch" (the chunked PyTorch form's saved chunk matrices) or "cpu_kernel" (the CPU's C++ kernel,
     pretrain/model/scan_cpu.py: one N x P state per chunk beside the inputs it shares with the mixer).
+    loss: the chunked head's softmax cross-entropy, "torch" (torch's ops) or "cpu_kernel" (see head_bytes).
     """
     d, D = cfg.d_model, dtype_bytes
     parts = [_layer_bytes_per_token(cfg, mixer, ffn, D, cp=cp, scan=scan)
@@ -49,8 +50,10 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, *, dtype_bytes: int = 
         layers = sum(1 for t in cfg.layer_types() if t == "attention")
         always += layers * 4 * min(seq_len, 2048)  # the block's boolean mask, saved as fp32 by the CPU kernel
     tokens = micro_batch * seq_len
+    if recomputed:  # while a recomputed region runs its backward: the gradients into its output and its input
+        recomputed += 2 * D * d
     # The head's peak comes at the end of the forward, before backward recomputes anything.
-    return tokens * always + max(head_bytes(cfg, tokens, D), tokens * recomputed)
+    return tokens * always + max(head_bytes(cfg, tokens, D, loss=loss), tokens * recomputed)
 
 
 def cpu_scan_kind() -> str:
@@ -61,12 +64,21 @@ def cpu_scan_kind() -> str:
     return "cpu_kernel" if scan._cpu_kernel(chunked=True) is not None else "pytorch"
 
 
+def cpu_loss_kind() -> str:
+    """The chunked head loss's form on this machine's CPU: "cpu_kernel" where pretrain/model/loss_cpu.py's
+    kernel builds, else "torch"."""
+    from pretrain.model import loss
+
+    kernel = loss._cpu_kernel()
+    return "cpu_kernel" if kernel is not None and kernel.available() else "torch"
+
+
 def _norm_bytes(width: int) -> int:
     """RMSNorm in fp32: its input and normalised output (4 bytes each), and the inverse RMS."""
     return 8 * width + 12
 
 
-def head_bytes(cfg, tokens: int, D: int) -> int:
+def head_bytes(cfg, tokens: int, D: int, *, loss: str = "torch") -> int:
     """The head's peak over a micro-batch of `tokens` (this rank's): the final norm, and
     - plain head (model.loss_chunk_tokens=0): the head's input and the loss over all tokens at once: bf16
       logits, their fp32 copy and log-softmax, the log-softmax's gradient (fp32 logits need no copy);
@@ -74,7 +86,9 @@ def head_bytes(cfg, tokens: int, D: int) -> int:
       under bf16, the input's bf16 copy; the weight's fp32 gradient accumulator ([vocab, d]; under bf16 also
       the weight's bf16 copy); and the larger of one chunk's fp32 logits and log-softmax (which becomes their
       gradient in place), 8 bytes x vocab per token of min(chunk, tokens), and (bf16) the chunk's bf16
-      logit gradient with its bf16 weight gradient before the fp32 sum.
+      logit gradient with its bf16 weight gradient before the fp32 sum. With loss "cpu_kernel"
+      (pretrain/model/loss_cpu.py) the fp32 logits become their gradient in place: 4 bytes x vocab per token
+      of the chunk, plus (bf16) their bf16 copy for the matmuls.
     `liquid dryrun` measures the real code (either path)."""
     d, V = cfg.d_model, cfg.vocab_size
     chunk = getattr(cfg, "loss_chunk_tokens", 0)
@@ -84,6 +98,8 @@ def head_bytes(cfg, tokens: int, D: int) -> int:
     c = min(chunk, tokens)
     copies = 1 if D < 4 else 0  # the bf16 casts (fp32: none)
     kept = tokens * (_norm_bytes(d) + D * d * (1 + copies)) + V * d * (4 + D * copies)
+    if loss == "cpu_kernel":
+        return kept + c * V * (4 + D * copies) + copies * D * V * d
     return kept + max(8 * c * V, copies * D * (c * V + V * d))
 
 
@@ -142,7 +158,7 @@ def rank_groups(cfg, ep: int) -> list[tuple[int, bool]]:
 
 def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_batch: int, seq_len: int,
                     checkpointing: str = "none", dtype_bytes: int = 2, attention: str = "fused",
-                    scan: str = "pytorch") -> dict:
+                    scan: str = "pytorch", loss: str = "torch") -> dict:
     """Bytes per rank, by the lines `liquid dryrun` measures: parameters and gradients in the training
     dtype (`dtype_bytes`: 2 for bf16, 4 for fp32); the optimizer's fp32 master partition and Adam's two
     moments (ZeRO partitions each group over dp x cp, expert groups over the expert-data-parallel ranks;
@@ -167,7 +183,7 @@ def memory_per_rank(cfg, *, dp: int, ep: int, cp: int, zero_stage: int, micro_ba
     parameters = local * dtype_bytes
     gradients = (partition if zero_stage >= 2 and world > 1 else local) * dtype_bytes
     acts = activation_bytes(cfg, micro_batch, seq_len // cp, checkpointing=checkpointing, attention=attention,
-                            dtype_bytes=dtype_bytes, cp=cp, scan=scan)
+                            dtype_bytes=dtype_bytes, cp=cp, scan=scan, loss=loss)
     at_step = gradients + 4 * partition  # + the fp32 gradient of the partition
     out = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer, "activations": acts,
            "communication": communication}
@@ -249,7 +265,8 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
                           micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                           checkpointing=t.activation_checkpointing, dtype_bytes=_dtype_bytes(t),
                           attention="fused" if t.device == "cuda" else "blocks",
-                          scan="pytorch" if t.device == "cuda" else cpu_scan_kind())
+                          scan="pytorch" if t.device == "cuda" else cpu_scan_kind(),
+                          loss="torch" if t.device == "cuda" else cpu_loss_kind())
     return {
         "params_total": counts.total,
         "params_active": counts.active,
