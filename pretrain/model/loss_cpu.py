@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 
 import torch
 
@@ -116,9 +115,7 @@ int64_t liquid_cross_entropy_rows(float* logits, const int64_t* labels, float* l
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(_ENV, "1") == "0":
-        return None, f"{_ENV}=0"
-    lib, why = build_library("loss", _SOURCE)
+    lib, why = build_library("loss", _SOURCE, env=_ENV)
     if lib is not None:
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.liquid_cross_entropy_rows.argtypes = [ptr] * 3 + [i64] * 6

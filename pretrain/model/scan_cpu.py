@@ -584,10 +584,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LIQUID_CACHE", Path.home() / ".cache" / "liquid-pretrain")) / "kernels"
 
 
-def build_library(name: str, source: str) -> tuple[ctypes.CDLL | None, str]:
+def build_library(name: str, source: str, *, env: str) -> tuple[ctypes.CDLL | None, str]:
     """Compile `source` (plain C++, no torch headers) once per machine into LIQUID_CACHE/kernels and load it:
-    (the library, "") or (None, why not). The file name carries a hash of the source, the compiler, its flags
-    and (for -march=native builds) the CPU's flags."""
+    (the library, "") or (None, why not); (None, "<env>=0") where the environment switch `env` is 0. The
+    file name carries a hash of the source, the compiler, its flags and (for -march=native builds) the CPU's
+    flags."""
+    if os.environ.get(env, "1") == "0":
+        return None, f"{env}=0"
     compiler = os.environ.get("CXX", "c++")
     flags = _FLAGS + _NATIVE
     key = hashlib.sha256("\0".join([source, compiler, *flags, platform.machine(), _cpu_id() if _NATIVE else ""])
@@ -611,9 +614,7 @@ def build_library(name: str, source: str) -> tuple[ctypes.CDLL | None, str]:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel library, "") or (None, why not)."""
-    if os.environ.get(_ENV, "1") == "0":
-        return None, f"{_ENV}=0"
-    lib, why = build_library("scan", _SOURCE)
+    lib, why = build_library("scan", _SOURCE, env=_ENV)
     if lib is None:
         return None, why
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64

@@ -237,7 +237,7 @@ def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from parallel.topology import build_topology
-    from pretrain.train.plan import cpu_loss_kind, cpu_scan_kind
+    from pretrain.train.plan import kernel_kinds
 
     t, p = cfg.train, cfg.parallel
     world = p.dp * p.cp
@@ -250,8 +250,7 @@ def dry_run(cfg, options: DryRunOptions = DryRunOptions()) -> dict:
         with FakeTensorMode(allow_non_fake_inputs=True):
             measured = _measure(cfg, topology, device, dtype, options)
     measured["device"] = target
-    measured["scan"] = "pytorch" if target == "cuda" else cpu_scan_kind()  # the chunked scan's form it ran
-    measured["loss"] = "torch" if target == "cuda" else cpu_loss_kind()  # the head loss's form it ran
+    measured.update(kernel_kinds(target))  # the chunked scan's and the head loss's forms it ran
     measured["seconds"] = round(time.perf_counter() - started, 1)
     return measured
 
@@ -381,7 +380,7 @@ def report(cfg, measured: dict, *, device: str = "H100") -> dict:
                            micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                            checkpointing=t.activation_checkpointing, dtype_bytes=dtype_bytes,
                            attention=_attention_kind(measured["device"]), scan=measured["scan"],
-                           loss=measured.get("loss", "torch"))
+                           loss=measured["loss"])
     lines = {}
     for line in LINES:
         got, want = measured["bytes"][line], plan[line]

@@ -73,6 +73,14 @@ def cpu_loss_kind() -> str:
     return "cpu_kernel" if kernel is not None and kernel.available() else "torch"
 
 
+def kernel_kinds(device: str) -> dict:
+    """The forms whose memory differs by device, for `memory_per_rank` (scan=, loss=): on CUDA the chunked
+    scan's PyTorch form and torch's cross-entropy; on the CPU what this machine builds."""
+    if device == "cuda":
+        return {"scan": "pytorch", "loss": "torch"}
+    return {"scan": cpu_scan_kind(), "loss": cpu_loss_kind()}
+
+
 def _norm_bytes(width: int) -> int:
     """RMSNorm in fp32: its input and normalised output (4 bytes each), and the inverse RMS."""
     return 8 * width + 12
@@ -265,8 +273,7 @@ def build_plan(config, *, mfu: float = 0.4, gpus: int | None = None, device: str
                           micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                           checkpointing=t.activation_checkpointing, dtype_bytes=_dtype_bytes(t),
                           attention="fused" if t.device == "cuda" else "blocks",
-                          scan="pytorch" if t.device == "cuda" else cpu_scan_kind(),
-                          loss="torch" if t.device == "cuda" else cpu_loss_kind())
+                          **kernel_kinds(t.device))
     return {
         "params_total": counts.total,
         "params_active": counts.active,
