@@ -346,6 +346,31 @@ def test_cpu_kernel_is_independent_of_the_thread_count_and_equals_the_pytorch_fo
         assert_close(a, b)
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("chunk,seq", [(64, 149), (48, 159), (32, 99)])
+def test_cpu_kernel_register_tiles_match_the_reference(form, chunk, seq):
+    """Key and value widths that are multiples of 16 (as the presets' 64 and 128) take the kernel's own AVX-512
+    register tiles for every product of a full chunk (32- and 16-column panels, 8-row tiles); the short last
+    chunk (21, 15 or 3 tokens) leaves 5, 7 or 3 rows after the 8-row tiles, and its q k^T (n = 21, 15, 3) takes
+    torch's sgemm. Values, final state and gradients against the token-by-token reference, with resets and an
+    initial state; the same bits at 1 and 3 threads. On an AVX-512 machine the tiles must be built."""
+    _kernel_only(form)
+    if _cpu_has_avx512():
+        assert scan_cpu.register_tiles()
+    inputs = make_inputs(2, seq, 3, 16, 48, reset_prob=0.03, resets=(0, chunk - 1, chunk), with_state=True,
+                         seed=chunk)
+    check_against_reference(*inputs, chunk_size=chunk)
+    one, three = results_at_thread_counts(inputs, chunk, (1, 3))
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
+
+
 def test_cpu_kernel_reads_views_of_a_projection_in_place(form):
     """q, k, v and log_decay as strided views of one projection's output (as a mixer slices them) give the
     same bits as contiguous copies, and their gradients reach the projection."""
