@@ -1,11 +1,15 @@
 """train.compile: torch.compile of each block gives the eager losses (a few training steps, the smallest model)."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from parallel.engine import build_engine
 from parallel.topology import single_process_topology
 from pretrain.config import load_config
-from pretrain.model.model import Block, build_model
+from pretrain.model import model as model_module
+from pretrain.model.model import Block, build_model, compile_cache_tag
 from pretrain.train.step import Placement, train_step
 from pretrain.train.worker import compile_blocks
 
@@ -48,6 +52,23 @@ def test_compiled_blocks_train_like_eager():
     torch._dynamo.reset()
     eager, compiled = _losses(cfg, False), _losses(cfg, True)
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0)
+
+
+def test_compiled_blocks_tag_torch_s_compile_caches_with_the_model_source(tmp_path):
+    """compile_blocks adds a digest of pretrain/model's source to torch's compile-cache key tag (once), so a
+    graph compiled by an earlier version of the model's custom ops is not loaded; the digest changes with
+    any byte of any file of the package."""
+    tag = compile_cache_tag()
+    with torch.compiler.config.patch(cache_key_tag="user-tag"):
+        compile_blocks(build_model(load_config("tiny", OVERRIDES).model, device="cpu", seed=0))
+        compile_blocks(build_model(load_config("tiny", OVERRIDES).model, device="cpu", seed=0))
+        assert torch.compiler.config.cache_key_tag == "user-tag" + tag
+    package = Path(model_module.__file__).parent
+    copy = tmp_path / "model"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert compile_cache_tag(copy) == tag
+    (copy / "scan_cpu.py").write_text((copy / "scan_cpu.py").read_text() + "\n")
+    assert compile_cache_tag(copy) != tag
 
 
 @pytest.mark.parametrize("with_tail", [False, True])

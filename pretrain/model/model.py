@@ -9,6 +9,7 @@ import hashlib
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -275,7 +276,11 @@ class LiquidLM(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> "LiquidLM":
         """torch.compile every block (train.compile), the multi-token-prediction ones included: see
-        Block.compile_body. The embedding, head and loss stay eager."""
+        Block.compile_body. The embedding, head and loss stay eager. Tags torch's compile caches with
+        this package's source (compile_cache_tag)."""
+        tag = compile_cache_tag()
+        if tag not in torch.compiler.config.cache_key_tag:
+            torch.compiler.config.cache_key_tag += tag
         for module in self.modules():
             if isinstance(module, Block):
                 module.compile_body(**compile_kwargs)
@@ -288,6 +293,18 @@ class LiquidLM(nn.Module):
     def update_expert_bias(self):
         for moe in self.moe_layers():
             moe.update_expert_bias()
+
+
+def compile_cache_tag(package: Path | None = None) -> str:
+    """A digest of the model package's source, for torch's compile caches (torch.compiler.config
+    .cache_key_tag). Those key a compiled graph by its own code, not by what the custom ops it calls compute
+    or return: when one of them changes (tried here: the CPU scan's saved states in another layout), a graph
+    compiled before is loaded after it and fails on the old output shape. With the tag a changed package
+    compiles afresh."""
+    digest = hashlib.sha256()
+    for path in sorted((package or Path(__file__).parent).glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"liquid-model-{digest.hexdigest()[:16]}"
 
 
 def build_model(cfg, device=None, *, seed: int | None = None) -> LiquidLM:
