@@ -17,6 +17,7 @@ SUMMARY_KEYS = {
     "chunked_vs_sdpa_at_4096", "sdpa_anchor_at_4096", "chunked_vs_sdpa_math_at_4096",
     "chunked_vs_sdpa_at_16384", "sdpa_anchor_at_16384", "chunked_vs_sdpa_math_at_16384",
     "matmul_flops_per_s", "chunked_flops_fraction_of_matmul_at_4096", "chunked_flops_fraction_of_matmul_at_16384",
+    "chunked_flops_fraction_of_matmul_paired_at_4096", "chunked_flops_fraction_of_matmul_paired_at_16384",
     "elementwise_vs_blelloch_at_4096", "elementwise_wide_vs_blelloch_wide_at_4096",
     "elementwise_vs_blelloch_paired_at_4096", "elementwise_wide_vs_blelloch_wide_paired_at_4096",
     "chunked_16384_over_4096_time", "chunked_65536_peak_mem_gib",
@@ -98,6 +99,13 @@ def test_main_scan_quick_schema(capsys, in_process):
         assert paired["rounds"] >= bench.PAIRED_MIN_ROUNDS and paired["seconds"] > 0 and paired["anchor_seconds"] > 0
         assert paired["ratio"] == pytest.approx(paired["anchor_seconds"] / paired["seconds"], rel=1e-3)
     assert "paired" not in by_key[("blelloch", 64)] and "paired" not in by_key[("chunked", 64)]
+    for case in ("chunked", "chunked_recompute"):  # the in-process pairing with the matmul, run by run
+        paired = by_key[(case, 64)]["paired_matmul"]
+        assert paired["rounds"] >= bench.PAIRED_MIN_ROUNDS and paired["matmul_flops_per_s"] > 0
+        assert paired["flops_per_s"] > 0
+        assert paired["flops_fraction_of_matmul"] == pytest.approx(
+            paired["flops_per_s"] / paired["matmul_flops_per_s"], rel=1e-3, abs=1e-4)
+    assert all("paired_matmul" not in r for r in out["results"] if r["case"] not in ("chunked", "chunked_recompute"))
     assert "reference_max_seq" in by_key[("reference", 128)]["skipped"]
     for case in ("sdpa", "sdpa_math"):
         skip = by_key[(case, 128)]["skipped"]

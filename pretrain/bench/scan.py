@@ -318,6 +318,10 @@ def _measure(spec: dict) -> dict:
         peak_kib = peak_rss_kib()
     if case in dict(ELEMENTWISE_PAIRS):  # after the peak is read: the pairing's anchor is not this case's memory
         extra["paired"] = _paired_with_blelloch(run, inputs, device, rounds=max(repeats, PAIRED_MIN_ROUNDS))
+    if case in ("chunked", "chunked_recompute") and spec.get("pair_matmul"):
+        extra["paired_matmul"] = _paired_with_matmul(run, case_flops(case, seq, spec)[0], device,
+                                                     size=spec["matmul_size"],
+                                                     rounds=max(repeats, PAIRED_MIN_ROUNDS))
     return {"runs": runs, "wall_s": wall, "peak_kib": peak_kib, **extra}
 
 
@@ -354,6 +358,27 @@ def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
         theirs += time_runs(anchor, device, warmup=0, repeats=1)
     a, b = statistics.median(ours), statistics.median(theirs)
     return {"rounds": rounds, "seconds": round(a, 9), "anchor_seconds": round(b, 9), "ratio": round(b / a, 4)}
+
+
+def _paired_with_matmul(run, flops: int, device, *, size: int, rounds: int) -> dict:
+    """The chunked scan and the matmul case's [size]^2 matmul in this one process, alternating run by run
+    (after WARMUP_RUNS of the matmul): the FLOP/s of each from its median and the scan's fraction of the
+    matmul's. The unpaired fraction divides two children's medians taken minutes apart, and this machine's
+    matmul rate moved between 341 and 391 GFLOP/s from one run of the benchmark to the next."""
+    g = torch.Generator().manual_seed(SEED)
+    a, b = (torch.randn(size, size, generator=g).to(device) for _ in range(2))
+
+    def matmul():
+        torch.mm(a, b)
+
+    time_runs(matmul, device, warmup=WARMUP_RUNS, repeats=0)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours += time_runs(run, device, warmup=0, repeats=1)
+        theirs += time_runs(matmul, device, warmup=0, repeats=1)
+    scan_rate, matmul_rate = flops / statistics.median(ours), 2 * size**3 / statistics.median(theirs)
+    return {"rounds": rounds, "flops_per_s": round(scan_rate, 1), "matmul_flops_per_s": round(matmul_rate, 1),
+            "flops_fraction_of_matmul": round(scan_rate / matmul_rate, 4)}
 
 
 def _child_result(spec: dict) -> dict:
@@ -473,6 +498,8 @@ def bench_scan(
     heads: liquid_scan (chunk elementwise_chunk_size) and pretrain.bench.blelloch.blelloch_scan; each
     element-wise case's child also times Blelloch on the same inputs, alternating run by run, and its dict's
     `paired` holds both medians and their ratio (side by side in one process, after its peak is read).
+    With matmul among the cases, the chunked and chunked_recompute children also time the matmul alternating
+    run by run with the scan: `paired_matmul` holds both FLOP/s and the fraction (_paired_with_matmul).
     docs_dense and docs_blocks are causal attention inside packed documents of doc_len tokens (SDPA with one
     [seq, seq] mask, and the attention mixer's DocumentMask.blocks). Skips: reference above reference_max_seq;
     sdpa, sdpa_math and docs_dense above sdpa_max_seq (with a stated estimate); larger seqs of
@@ -542,7 +569,7 @@ def bench_scan(
                     if case in QUADRATIC:
                         reason += "; " + _sdpa_estimates(seq, heads, batch, last[:2])
             if reason is None:
-                got = _run_child({**base, "case": case, "seq": seq}, hard_timeout)
+                got = _run_child({**base, "case": case, "seq": seq, "pair_matmul": "matmul" in cases}, hard_timeout)
                 if "error" in got:
                     reason = got["error"]
             if reason is not None:
@@ -565,7 +592,8 @@ def bench_scan(
                     if matmul_flops_per_s:
                         d["flops_fraction_of_matmul"] = round(counted[0] / seconds / matmul_flops_per_s, 4)
                 for key in ("warmup_runs", "sdpa_backend", "sdpa_default_backend", "sdpa_kernel_ops",
-                            "sdpa_probe_seq", "sdpa_probe_s", "sdpa_peak_reset_after_probe", "paired"):
+                            "sdpa_probe_seq", "sdpa_probe_s", "sdpa_peak_reset_after_probe", "paired",
+                            "paired_matmul"):
                     if key in got:
                         d[key] = got[key]
                 last = (seq, seconds, max(peak_bytes, 0.0))
@@ -607,6 +635,9 @@ def _summary(results: list[dict]) -> dict:
         # Achieved FLOP/s of the chunked scan (chunked_scan_flops) over the matmul's; the target is >= 0.5.
         out[f"chunked_flops_fraction_of_matmul_at_{seq}"] = ratio(
             field("chunked", seq, "flops_per_s"), matmul and matmul["flops_per_s"])
+        # The same, from the chunked case's child timing the matmul run by run beside it (_paired_with_matmul).
+        paired = field("chunked", seq, "paired_matmul")
+        out[f"chunked_flops_fraction_of_matmul_paired_at_{seq}"] = paired and paired["flops_fraction_of_matmul"]
     for fast, anchor_case in ELEMENTWISE_PAIRS:
         # Tokens/s of the element-wise liquid scan over the Blelloch scan's; the target is >= 3. The first from
         # the two cases' own children, the second from the pairing inside the element-wise case's child.
