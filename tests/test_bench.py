@@ -177,10 +177,12 @@ def test_summary_ratios_against_the_fastest_anchor():
 
 
 def test_flop_formulas():
-    # One chunk of 4 tokens, N = 2, P = 3: forward 2*16*(2+3) + 4*4*2*3 = 256, times 3 for forward+backward.
-    assert bench.chunked_scan_flops(1, 4, 1, 2, 3, 64) == 3 * 256
-    # Padding: 5 tokens in chunks of 4 are two chunks; batch and heads multiply.
-    assert bench.chunked_scan_flops(2, 5, 3, 2, 3, 4) == 2 * 3 * 2 * 3 * 256
+    # One chunk of 4 tokens, N = 2, P = 3: forward over the 10 causal pairs 2*10*(2+3) + 4*4*2*3 = 196, times 3
+    # for forward+backward.
+    assert bench.chunked_scan_flops(1, 4, 1, 2, 3, 64) == 3 * 196
+    # 5 tokens in chunks of 4: a chunk of 4 and one of 1 (2*1*5 + 4*1*6 = 34, no padding); batch and heads
+    # multiply.
+    assert bench.chunked_scan_flops(2, 5, 3, 2, 3, 4) == 3 * 2 * 3 * (196 + 34)
     # Recurrence: N = 1 is 4 P per token and head forward.
     assert bench.recurrence_flops(1, 10, 2, 1, 8) == 3 * 10 * 2 * 4 * 8
     # Causal attention: L (L + 1) / 2 pairs, 2 (N + P) each; documents add up.

@@ -66,22 +66,25 @@ PEAK_MEM_METHOD = {
 
 
 def chunked_scan_flops(batch, seq, heads, n, p, chunk_size) -> int:
-    """Forward+backward FLOPs of pretrain.model.scan.liquid_scan's chunked algorithm (matmuls only).
+    """Forward+backward FLOPs of pretrain.model.scan.liquid_scan's chunked algorithm: its useful matmul work.
 
-    The sequence is cut into ceil(seq / c) chunks of c = min(chunk_size, seq) tokens (the last one padded, and
-    the padding is computed). Per chunk and head the forward runs four matmuls, 2 FLOPs per multiply-add:
-      intra-chunk scores  q @ k^T            [c x N] @ [N x c]   2 c^2 N
-      intra-chunk output  (scores*decay) @ v [c x c] @ [c x P]   2 c^2 P   (the full c x c, masked, is computed)
-      local state         (k*decay)^T @ v    [N x c] @ [c x P]   2 c N P
-      carried-state term  (q*decay) @ S_in   [c x N] @ [N x P]   2 c N P
-    so forward = batch * heads * chunks * (2 c^2 (N + P) + 4 c N P). The element-wise work (decay masks, exp,
-    the state passing S = d S + local, N P per chunk) is not counted. Backward counts as 2x the forward's
-    matmul FLOPs (each matmul's two input gradients), so forward+backward = 3x forward. chunked_recompute is
-    given the same count: its extra forward in backward is recomputation, not useful work.
+    The sequence is cut into chunks of c = chunk_size tokens (the last one as long as it is). Per chunk of L
+    tokens and head the forward's four matmuls, 2 FLOPs per multiply-add, over what the chunk's causal
+    structure needs:
+      intra-chunk scores  q @ k^T            the L (L + 1) / 2 causal (t, s) pairs    2 N per pair
+      intra-chunk output  (scores*decay) @ v the same pairs                          2 P per pair
+      local state         (k*decay)^T @ v    [N x L] @ [L x P]                        2 L N P
+      carried-state term  (q*decay) @ S_in   [L x N] @ [N x P]                        2 L N P
+    so forward = batch * heads * sum over chunks of (L (L + 1) (N + P) + 4 L N P), as causal_attention_flops
+    counts attention's pairs. Not counted: the products above the diagonal (the PyTorch form computes the
+    full L x L, masked; the CPU kernel's AVX-512 tiles skip all but the tiles the diagonal crosses), a padded
+    last chunk, the element-wise work (decay masks, exp, the state passing S = d S + local, N P per chunk).
+    Backward counts as 2x the forward's matmul FLOPs (each matmul's two input gradients), so forward+backward
+    = 3x forward. chunked_recompute is given the same count: its extra forward in backward is recomputation,
+    not useful work.
     """
-    c = min(chunk_size, seq)
-    chunks = -(-seq // c) if seq else 0
-    forward = batch * heads * chunks * (2 * c * c * (n + p) + 4 * c * n * p)
+    lengths = [min(chunk_size, seq - start) for start in range(0, seq, chunk_size)]
+    forward = batch * heads * sum(L * (L + 1) * (n + p) + 4 * L * n * p for L in lengths)
     return 3 * forward
 
 

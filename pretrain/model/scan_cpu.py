@@ -212,17 +212,25 @@ typedef int (*threads_local_t)(int);  // MKL_Set_Num_Threads_Local: this thread'
 
 namespace {
 
+// The causal structure of a chunk's product, which the register tiles skip (torch's sgemm computes it all:
+// the zeros it multiplies are real zeros, and what it computes above the diagonal the decay mask zeroes).
+// LOWER_C: only C[i, j] for j <= i is wanted (q k^T, dy v^T: the mask zeroes the rest); LOWER_A: A is lower
+// triangular (A[t, s] = 0 for s > t: the masked scores and their gradient), so op(A)'s row i needs k steps
+// p <= i (A) or p >= i (A^T).
+enum class Tri { FULL, LOWER_C, LOWER_A };
+
 #if defined(__AVX512F__)
 // The chunk's products on AVX-512 in register tiles: C[MR rows x 16 NV columns] stays in MR * NV zmm
 // registers while k steps each load NV vectors of a row of B and broadcast MR elements of op(A) into FMAs.
 // At the chunk's sizes (64 x 64 x 64 to 64 x 128 x 128, everything in L1/L2) MKL's sgemm spends a part of
 // each call outside its kernel; these tiles run the same FMAs without it (measured on one core of the
-// development machine: 64 x 64 x 64 in 2.43 us against MKL's 2.77; the scan's forward + backward 4% faster).
+// development machine: 64 x 64 x 64 in 2.43 us against MKL's 2.77; the scan's forward + backward 4% faster),
+// and skip what the chunk's causal structure leaves zero (Tri).
 // Row-major C[m x n] = op(A) B + beta C: op(A) = A [m x k] at row stride lda, or (TA) A^T for A [k x m];
-// B [k x n] at row stride ldb. beta 0 never reads C.
+// B [k x n] at row stride ldb; k steps p in [p0, p1). beta 0 never reads C.
 template <int MR, int NV, bool TA>
-static inline void register_tile(int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                                 float* C, int64_t ldc) {
+static inline void register_tile(int64_t p0, int64_t p1, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                 float beta, float* C, int64_t ldc) {
   __m512 c[MR][NV];
   const __m512 scale = _mm512_set1_ps(beta);
 #pragma GCC unroll 16
@@ -230,7 +238,7 @@ static inline void register_tile(int64_t k, const float* A, int64_t lda, const f
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
       c[r][v] = beta == 0.0f ? _mm512_setzero_ps() : _mm512_mul_ps(scale, _mm512_loadu_ps(C + r * ldc + 16 * v));
-  for (int64_t p = 0; p < k; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     __m512 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + p * ldb + 16 * v);
@@ -247,49 +255,62 @@ static inline void register_tile(int64_t k, const float* A, int64_t lda, const f
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
 }
 
-// Rows of 16 NV columns: tiles of 8 rows, then one of the m % 8 left.
+// One tile of `rows` (1..8) rows from row i of op(A) and C, on the panel of 16 NV columns from column j:
+// its k range (LOWER_A), or zeros where the whole tile lies above the diagonal (LOWER_C, beta 0).
 template <int NV, bool TA>
-static void register_rows(int64_t m, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                          float* C, int64_t ldc) {
-  const int64_t row_step = TA ? 1 : lda;  // op(A)'s next row
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8) register_tile<8, NV, TA>(k, A + i * row_step, lda, B, ldb, beta, C + i * ldc, ldc);
-  const float* Ai = A + i * row_step;
+static void register_tile_at(int64_t rows, int64_t i, int64_t j, Tri tri, int64_t k, const float* A, int64_t lda,
+                             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const float* Ai = A + i * (TA ? 1 : lda);  // op(A)'s row i
   float* Ci = C + i * ldc;
-  switch (m - i) {
-    case 1: register_tile<1, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 2: register_tile<2, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 3: register_tile<3, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 4: register_tile<4, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 5: register_tile<5, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 6: register_tile<6, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
-    case 7: register_tile<7, NV, TA>(k, Ai, lda, B, ldb, beta, Ci, ldc); break;
+  if (tri == Tri::LOWER_C && j > i + rows - 1) {
+    for (int64_t r = 0; r < rows; ++r) std::fill(Ci + r * ldc, Ci + r * ldc + 16 * NV, 0.0f);
+    return;
+  }
+  int64_t p0 = 0, p1 = k;
+  if (tri == Tri::LOWER_A) {
+    if (TA) p0 = std::min(i, k);  // A^T's row i: A[t, i] for t >= i
+    else p1 = std::min(i + rows, k);  // A's rows i..i+rows-1: A[t, s] for s <= t
+  }
+  switch (rows) {
+    case 8: register_tile<8, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 7: register_tile<7, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 6: register_tile<6, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 5: register_tile<5, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 4: register_tile<4, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 3: register_tile<3, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 2: register_tile<2, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
+    case 1: register_tile<1, NV, TA>(p0, p1, Ai, lda, B, ldb, beta, Ci, ldc); break;
     default: break;
   }
 }
 
-// n a multiple of 16: panels of 32 columns, then one of 16.
+// n a multiple of 16: panels of 32 columns, then one of 16; each in tiles of 8 rows, then the m % 8 left.
 template <bool TA>
 static void register_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
-                          float beta, float* C, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) register_rows<2, TA>(m, k, A, lda, B + j, ldb, beta, C + j, ldc);
-  if (j < n) register_rows<1, TA>(m, k, A, lda, B + j, ldb, beta, C + j, ldc);
+                          float beta, float* C, int64_t ldc, Tri tri) {
+  for (int64_t j = 0; j < n;) {
+    const int64_t width = n - j >= 32 ? 32 : 16;
+    for (int64_t i = 0; i < m; i += 8) {
+      if (width == 32) register_tile_at<2, TA>(std::min<int64_t>(8, m - i), i, j, tri, k, A, lda, B + j, ldb, beta, C + j, ldc);
+      else register_tile_at<1, TA>(std::min<int64_t>(8, m - i), i, j, tri, k, A, lda, B + j, ldb, beta, C + j, ldc);
+    }
+    j += width;
+  }
 }
 #endif
 
 // Row-major C[m x n] = alpha op(A) op(B) + beta C; ta / tb 'N' or 'T' as for row-major operands; lda, ldb,
 // ldc are row strides. beta 0 never reads C. With AVX-512, op(B) = B, alpha 1 and n a multiple of 16 (every
-// product of a full chunk where N and P are multiples of 16) in register tiles; otherwise through the
-// column-major sgemm torch links (C^T = op(B)^T op(A)^T).
+// product of a full chunk where N and P are multiples of 16) in register tiles, skipping what `tri` says is
+// zero; otherwise through the column-major sgemm torch links (C^T = op(B)^T op(A)^T), all of it.
 struct Gemm {
   sgemm_t f;
   void operator()(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
-                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) const {
+                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc, Tri tri = Tri::FULL) const {
 #if defined(__AVX512F__)
     if (tb == 'N' && alpha == 1.0f && n % 16 == 0) {
-      if (ta == 'N') register_gemm<false>(m, n, k, A, lda, B, ldb, beta, C, ldc);
-      else register_gemm<true>(m, n, k, A, lda, B, ldb, beta, C, ldc);
+      if (ta == 'N') register_gemm<false>(m, n, k, A, lda, B, ldb, beta, C, ldc, tri);
+      else register_gemm<true>(m, n, k, A, lda, B, ldb, beta, C, ldc, tri);
       return;
     }
 #endif
@@ -542,9 +563,9 @@ void liquid_chunked_forward(sgemm_t sgemm, threads_local_t threads_local, const 
                                            e.data(), f.data(), reset.get());
           store_stream(Sh, NP, states + ((b * H + h) * chunks + i) * NP);
           transpose(Kc, N, len, N, KT.data(), C);
-          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // q k^T
+          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C, Tri::LOWER_C);  // q k^T
           decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data(), work.data());
-          gemm('N', 'N', len, P, len, 1.0f, A.data(), C, Vc, P, 0.0f, Yc, P);  // intra-chunk
+          gemm('N', 'N', len, P, len, 1.0f, A.data(), C, Vc, P, 0.0f, Yc, P, Tri::LOWER_A);  // intra-chunk
           if (e[0] != 0.0f) {  // the carried state, decayed to each t: (q * e) S
             scale_rows(Qc, N, e.data(), len, N, Xs.data());
             gemm('N', 'N', len, P, N, 1.0f, Xs.data(), N, Sh, P, 1.0f, Yc, P);
@@ -599,11 +620,11 @@ void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const
           const float gamma = chunk_decays(ld + b * Sl.b + t0 * Sl.t + h * Sl.h, Sl.t, len, cum.data(), seg.data(),
                                            e.data(), f.data(), reset.get());
           transpose(Kc, N, len, N, KT.data(), C);
-          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C);  // A = (q k^T) * D
+          gemm('N', 'N', len, len, N, 1.0f, Qc, N, KT.data(), C, 0.0f, A.data(), C, Tri::LOWER_C);  // A = (q k^T) * D
           decay_mask(cum.data(), seg.data(), len, C, D.data(), A.data(), work.data());
           transpose(Vc, P, len, P, VT.data(), C);
-          gemm('N', 'N', len, len, P, 1.0f, dY, P, VT.data(), C, 0.0f, dA.data(), C);  // dA = dy v^T
-          gemm('T', 'N', len, P, len, 1.0f, A.data(), C, dY, P, 0.0f, dV, P);  // dv = A^T dy
+          gemm('N', 'N', len, len, P, 1.0f, dY, P, VT.data(), C, 0.0f, dA.data(), C, Tri::LOWER_C);  // dA = dy v^T
+          gemm('T', 'N', len, P, len, 1.0f, A.data(), C, dY, P, 0.0f, dV, P, Tri::LOWER_A);  // dv = A^T dy
           scale_rows(Kc, N, f.data(), len, N, Xs.data());                      //    + (k * f) dS
           gemm('N', 'N', len, P, N, 1.0f, Xs.data(), N, dS, P, 1.0f, dV, P);
           mask_backward(A.data(), D.data(), len, C, dA.data(), dcum.data());  // dA becomes dL/d(q k^T)
@@ -611,13 +632,13 @@ void liquid_chunked_backward(sgemm_t sgemm, threads_local_t threads_local, const
           transpose(S_in, P, N, P, ST.data(), N);
           gemm('N', 'N', len, N, P, 1.0f, dY, P, ST.data(), N, 0.0f, dQ, N);
           scale_rows_dot(dQ, Qc, e.data(), len, N, 1.0f, dcum.data(), nullptr);
-          gemm('N', 'N', len, N, len, 1.0f, dA.data(), C, Kc, N, 1.0f, dQ, N);
+          gemm('N', 'N', len, N, len, 1.0f, dA.data(), C, Kc, N, 1.0f, dQ, N, Tri::LOWER_A);
           // dk = f * (v dS^T) + dM^T q; dcum_s -= k_s . (f_s v_s dS^T), dcum_last += the same
           transpose(dS, P, N, P, ST.data(), N);
           gemm('N', 'N', len, N, P, 1.0f, Vc, P, ST.data(), N, 0.0f, dK, N);
           float to_last = 0.0f;
           scale_rows_dot(dK, Kc, f.data(), len, N, -1.0f, dcum.data(), &to_last);
-          gemm('T', 'N', len, N, len, 1.0f, dA.data(), C, Qc, N, 1.0f, dK, N);
+          gemm('T', 'N', len, N, len, 1.0f, dA.data(), C, Qc, N, 1.0f, dK, N, Tri::LOWER_A);
           if (gamma != 0.0f) {  // S_out = gamma S_in + ...: dcum_last += gamma <dS, S_in>
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -989,7 +1010,9 @@ def _chunk_lengths(seq: int, chunk: int):
 
 def _chunked_forward_flops(q_shape, v_shape, chunk: int) -> int:
     """The forward's matmul FLOPs, chunk by chunk (the last one as long as it is): q k^T and its product with
-    v (L^2 N + L^2 P), the carried state's term and the state update (2 L N P), 2 FLOPs a multiply-add."""
+    v (L^2 N + L^2 P), the carried state's term and the state update (2 L N P), 2 FLOPs a multiply-add. The
+    chunk's full products, as flops.py counts the model's FLOPs for MFU; `liquid bench scan` counts only the
+    causal pairs (chunked_scan_flops), the work the kernel's AVX-512 tiles do."""
     batch, seq, heads, n = q_shape
     p = v_shape[-1]
     return 2 * batch * heads * sum(L * L * (n + p) + 2 * L * n * p for L in _chunk_lengths(seq, chunk))
@@ -1006,7 +1029,8 @@ def _(q_shape, k_shape, v_shape, ld_shape, h0_shape, chunk, *args, out_shape=Non
 def _(q_shape, k_shape, v_shape, ld_shape, states_shape, gy_shape, g_final_shape, with_h0, chunk, *args,
       out_shape=None, **kwargs) -> int:
     """Twice the forward: each matmul's two input gradients. The scores q k^T the backward recomputes are
-    not counted (recomputation, not model FLOPs, as flops.py and the bench's chunked_scan_flops count)."""
+    not counted (recomputation, not model FLOPs, as neither flops.py nor the bench's chunked_scan_flops count
+    it)."""
     return 2 * _chunked_forward_flops(q_shape, v_shape, chunk)
 
 
