@@ -367,7 +367,7 @@ def _paired_with_matmul(run, flops: int, device, *, size: int, rounds: int) -> d
     """The chunked scan and the matmul case's [size]^2 matmul in this one process, alternating run by run
     (after WARMUP_RUNS of the matmul): the FLOP/s of each from its median and the scan's fraction of the
     matmul's. The unpaired fraction divides two children's medians taken minutes apart, and this machine's
-    matmul rate moved between 341 and 391 GFLOP/s from one run of the benchmark to the next."""
+    matmul rate moved between 307.6 and 394.8 GFLOP/s from one run of the benchmark to the next."""
     g = torch.Generator().manual_seed(SEED)
     a, b = (torch.randn(size, size, generator=g).to(device) for _ in range(2))
 
