@@ -237,16 +237,10 @@ def _measure(spec: dict) -> dict:
     chunk = spec["elementwise_chunk_size"] if case.startswith(("elementwise", "blelloch")) else spec["chunk_size"]
     repeats = spec["repeats"]
     if case == "matmul":
-        # The machine's large fp32 matmul rate: one [size x size] @ [size x size] per run.
-        size = spec["matmul_size"]
-        g = torch.Generator().manual_seed(SEED)
-        a, b = (torch.randn(size, size, generator=g).to(device) for _ in range(2))
         inputs = []
+        run = _matmul(spec["matmul_size"], device)
         repeats = max(repeats, _MATMUL_MIN_REPEATS)
-        extra["matmul_size"] = size
-
-        def run():
-            torch.mm(a, b)
+        extra["matmul_size"] = spec["matmul_size"]
 
     elif case in ("sdpa", "sdpa_math"):
         if case == "sdpa":
@@ -349,37 +343,42 @@ def _warm_up(run, device) -> int:
             return done
 
 
-def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
-    """The element-wise scan and the Blelloch scan on the same inputs in this one process, alternating run by
-    run (after WARMUP_RUNS of each), so that load from elsewhere and the process's heap hit both alike: the
-    medians and ratio (Blelloch's time over ours; > 1: ours is faster)."""
-    anchor = _fwd_bwd(_scan_outputs(blelloch_scan), inputs)
+def _matmul(size: int, device):
+    """The machine's large fp32 matmul: one [size x size] @ [size x size] per call."""
+    g = torch.Generator().manual_seed(SEED)
+    a, b = (torch.randn(size, size, generator=g).to(device) for _ in range(2))
+
+    def run():
+        torch.mm(a, b)
+
+    return run
+
+
+def _alternating(run, anchor, device, *, rounds: int) -> tuple[float, float]:
+    """Median seconds of run() and of anchor() in this one process, alternating run by run (after
+    WARMUP_RUNS of the anchor), so that load from elsewhere and the process's heap hit both alike."""
     time_runs(anchor, device, warmup=WARMUP_RUNS, repeats=0)
     ours, theirs = [], []
     for _ in range(rounds):
         ours += time_runs(run, device, warmup=0, repeats=1)
         theirs += time_runs(anchor, device, warmup=0, repeats=1)
-    a, b = statistics.median(ours), statistics.median(theirs)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def _paired_with_blelloch(run, inputs, device, *, rounds: int) -> dict:
+    """The element-wise scan and the Blelloch scan on the same inputs, alternating (_alternating): the
+    medians and ratio (Blelloch's time over ours; > 1: ours is faster)."""
+    a, b = _alternating(run, _fwd_bwd(_scan_outputs(blelloch_scan), inputs), device, rounds=rounds)
     return {"rounds": rounds, "seconds": round(a, 9), "anchor_seconds": round(b, 9), "ratio": round(b / a, 4)}
 
 
 def _paired_with_matmul(run, flops: int, device, *, size: int, rounds: int) -> dict:
-    """The chunked scan and the matmul case's [size]^2 matmul in this one process, alternating run by run
-    (after WARMUP_RUNS of the matmul): the FLOP/s of each from its median and the scan's fraction of the
-    matmul's. The unpaired fraction divides two children's medians taken minutes apart, and this machine's
-    matmul rate moved between 307.6 and 394.8 GFLOP/s from one run of the benchmark to the next."""
-    g = torch.Generator().manual_seed(SEED)
-    a, b = (torch.randn(size, size, generator=g).to(device) for _ in range(2))
-
-    def matmul():
-        torch.mm(a, b)
-
-    time_runs(matmul, device, warmup=WARMUP_RUNS, repeats=0)
-    ours, theirs = [], []
-    for _ in range(rounds):
-        ours += time_runs(run, device, warmup=0, repeats=1)
-        theirs += time_runs(matmul, device, warmup=0, repeats=1)
-    scan_rate, matmul_rate = flops / statistics.median(ours), 2 * size**3 / statistics.median(theirs)
+    """The chunked scan and the matmul case's [size]^2 matmul, alternating (_alternating): the FLOP/s of
+    each from its median and the scan's fraction of the matmul's. The unpaired fraction divides two
+    children's medians taken minutes apart, and this machine's matmul rate moved between 307.6 and 394.8
+    GFLOP/s from one run of the benchmark to the next."""
+    a, b = _alternating(run, _matmul(size, device), device, rounds=rounds)
+    scan_rate, matmul_rate = flops / a, 2 * size**3 / b
     return {"rounds": rounds, "flops_per_s": round(scan_rate, 1), "matmul_flops_per_s": round(matmul_rate, 1),
             "flops_fraction_of_matmul": round(scan_rate / matmul_rate, 4)}
 

@@ -284,18 +284,21 @@ static void register_tile_at(int64_t rows, int64_t i, int64_t j, Tri tri, int64_
   }
 }
 
-// n a multiple of 16: panels of 32 columns, then one of 16; each in tiles of 8 rows, then the m % 8 left.
+// The panel of 16 NV columns from column j, in tiles of 8 rows, then the m % 8 left.
+template <int NV, bool TA>
+static void register_panel(int64_t m, int64_t j, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
+                           float beta, float* C, int64_t ldc, Tri tri) {
+  for (int64_t i = 0; i < m; i += 8)
+    register_tile_at<NV, TA>(std::min<int64_t>(8, m - i), i, j, tri, k, A, lda, B + j, ldb, beta, C + j, ldc);
+}
+
+// n a multiple of 16: panels of 32 columns, then one of 16.
 template <bool TA>
 static void register_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
                           float beta, float* C, int64_t ldc, Tri tri) {
-  for (int64_t j = 0; j < n;) {
-    const int64_t width = n - j >= 32 ? 32 : 16;
-    for (int64_t i = 0; i < m; i += 8) {
-      if (width == 32) register_tile_at<2, TA>(std::min<int64_t>(8, m - i), i, j, tri, k, A, lda, B + j, ldb, beta, C + j, ldc);
-      else register_tile_at<1, TA>(std::min<int64_t>(8, m - i), i, j, tri, k, A, lda, B + j, ldb, beta, C + j, ldc);
-    }
-    j += width;
-  }
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) register_panel<2, TA>(m, j, k, A, lda, B, ldb, beta, C, ldc, tri);
+  if (j < n) register_panel<1, TA>(m, j, k, A, lda, B, ldb, beta, C, ldc, tri);
 }
 #endif
 
