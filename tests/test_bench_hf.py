@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pretrain.bench import hf
+from pretrain.bench.sampled import CLASSES, perf_unavailable
 from pretrain.cli import main
 
 ARGS = ["--quick", "--steps", "1", "--repeats", "1", "--warmup", "0", "--profile-steps", "1", "--sides", "ours,hf"]
@@ -20,6 +21,13 @@ def test_bench_hf_quick(capsys):
     # profiled after the heap settled under the profiler; its page faults are reported
     assert 1 <= prof["profiled_warmup_steps"] <= hf.SETTLE_MAX_STEPS and prof["page_faults_per_step"] >= 0
     assert prof["top_non_matmul"] and all(op["op"] not in hf.MATMUL_OPS for op in prof["top_non_matmul"])
+    # perf's split by code, of every side that ran (or why perf could not run)
+    for side, sampled in out["sampled"].items():
+        if perf_unavailable() is None:
+            assert sampled["samples"] > 0 and sampled["steps"] == 1, sampled
+            assert set(sampled["split"]) == set(CLASSES) and abs(sum(sampled["split"].values()) - 1) < 1e-3
+        else:
+            assert sampled == {"skipped": perf_unavailable()}
     if hf.hf_available() is None:
         assert out["results"]["hf"]["params"] == ours["params"]  # the same model size on both sides
         assert out["ratios"]["ours_vs_hf"] > 0

@@ -17,7 +17,10 @@ venv-hf5`) put first on the HF worker's PYTHONPATH; without it the HF side is re
 matmul_frac: of our eager step's profiled CPU time (sum of self times of every op inside the step
 windows; the step's own Python is the `liquid_bench::step` window's self time), the share in matmul
 ops (MATMUL_OPS; `matmul_frac_with_attention` also counts the SDPA kernels). top_non_matmul: the
-largest remaining ops by self time. Progress goes to stderr; exactly one JSON line goes to stdout.
+largest remaining ops by self time. sampled: each side's step sampled by Linux perf and split by the code
+its training thread ran (pretrain/bench/sampled.py): it sees inside ops, flash attention's products
+included, where the profiler sees only op boundaries; skipped with the reason where perf cannot run. Progress
+goes to stderr; exactly one JSON line goes to stdout.
 """
 from __future__ import annotations
 
@@ -248,6 +251,10 @@ def worker_main(side: str, spec: dict) -> None:
             out.write(json.dumps({"seconds": times, "loss": loss}) + "\n")
         elif cmd == "profile":
             out.write(json.dumps(profile_split(step, int(arg))) + "\n")
+        elif cmd == "sample":
+            from pretrain.bench.sampled import sampled_split
+
+            out.write(json.dumps(sampled_split(step, int(arg))) + "\n")
         else:
             break
 
@@ -301,6 +308,9 @@ def main_hf(argv=None) -> dict:
                         "from other processes hit every side alike")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default 3; --quick 1)")
     p.add_argument("--profile-steps", type=int, default=None, help="profiled steps of ours (default 3; --quick 1)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="steps of each side sampled by Linux perf for the split by code (pretrain/bench/sampled.py; "
+                        "default 3, --quick 1; 0: none)")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (for tests)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
@@ -320,6 +330,7 @@ def main_hf(argv=None) -> dict:
     repeats = args.repeats or (1 if q else 12)
     warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     prof_steps = args.profile_steps if args.profile_steps is not None else (1 if q else 3)
+    sample_steps = args.sample_steps if args.sample_steps is not None else (1 if q else 3)
     sides = [s for s in args.sides.split(",") if s]
     if any(s not in SIDES for s in sides):
         p.error(f"--sides: choose from {', '.join(SIDES)}")
@@ -352,6 +363,7 @@ def main_hf(argv=None) -> dict:
         compiled_profile = (workers["ours_compiled"].ask(f"profile {prof_steps}")
                             if "ours_compiled" in workers and prof_steps else None)
         hf_profile = workers["hf"].ask(f"profile {prof_steps}") if "hf" in workers and prof_steps else None
+        sampled = {s: w.ask(f"sample {sample_steps}") for s, w in workers.items()} if sample_steps else {}
     finally:
         for w in workers.values():
             w.close()
@@ -377,11 +389,14 @@ def main_hf(argv=None) -> dict:
         "results": results, "ratios": ratios, "ratios_best": ratios_best, "skipped": skipped,
         "targets": {"ours_vs_hf": 1.3, "matmul_frac": 0.75},
         "ours_profile": profile, "ours_compiled_profile": compiled_profile, "hf_profile": hf_profile,
+        "sampled": sampled,
         "wall_s": round(time.perf_counter() - started, 1),
         "note": ("tokens_per_s = tokens per step / median step time over all repeats; ratios_best compare the "
                  "fastest steps; sides alternate repeat by repeat in their own warmed-up processes; matmul_frac "
                  "is of our eager step (profiler self times), ours_compiled_profile and hf_profile the same split "
-                 "of our compiled step (the fused kernels' self time counts as not matmul) and of HF's step"),
+                 "of our compiled step (the fused kernels' self time counts as not matmul) and of HF's step; "
+                 "sampled: each side's training thread's perf samples by the code they ran (gemm: BLAS products "
+                 "from any op, flash attention's included; see pretrain/bench/sampled.py)"),
     }
     print_json(out)
     return out
