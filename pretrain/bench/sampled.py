@@ -125,13 +125,12 @@ def sampled_split(step, steps: int, *, hz: int = DEFAULT_HZ) -> dict:
             return {"skipped": f"perf script failed ({script.returncode}): {script.stderr.strip()[-300:]}"}
     counts = parse_script(script.stdout.splitlines(), threading.get_native_id())
     mine, every = counts["thread"], counts["all_threads"]
-    n = sum(mine.values())
+    n, n_all = sum(mine.values()), sum(every.values())
     if not n:
         return {"skipped": "perf recorded no samples of the training thread"}
     frac = {k: round(mine.get(k, 0) / n, 4) for k in CLASSES}
     return {
-        "hz": hz, "steps": steps, "seconds": round(seconds, 3), "samples": n,
-        "samples_all_threads": sum(every.values()), "split": frac,
-        "split_all_threads": {k: round(every.get(k, 0) / max(sum(every.values()), 1), 4) for k in CLASSES},
+        "hz": hz, "steps": steps, "seconds": round(seconds, 3), "samples": n, "samples_all_threads": n_all,
+        "split": frac, "split_all_threads": {k: round(every.get(k, 0) / n_all, 4) for k in CLASSES},
         "gemm_frac": frac["gemm"],
     }
